@@ -1,0 +1,69 @@
+"""hf_compress: knowledge distillation, pruning and quantization inside ordinary Hugging Face Trainer runs.
+
+Public names are imported lazily, so `import hf_compress` stays fast and optional backends (bitsandbytes,
+torchao) are only imported by the features that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_IMPORT_STRUCTURE: dict[str, list[str]] = {
+    "distillation.config": ["DistillationConfig"],
+    "distillation.trainer": ["DistillationTrainer"],
+    "distillation.losses": [
+        "distillation_loss",
+        "forward_kl_loss",
+        "hidden_state_loss",
+        "jsd_loss",
+        "mse_logits_loss",
+        "reverse_kl_loss",
+    ],
+    "distillation.student": ["create_student"],
+    "pruning.config": ["PruningConfig"],
+    "pruning.unstructured": ["make_pruning_permanent_", "prune_"],
+    "pruning.callback": ["PruningCallback"],
+    "pruning.report": ["sparsity_report"],
+    "pruning.lora": ["merge_lora_keep_sparsity"],
+    "pruning.semi_structured": ["to_semi_structured_sparse_"],
+    "pruning.structured": ["StructuredPruningConfig", "structured_prune_"],
+    "quantization.config": ["QATConfig"],
+    "quantization.qat": ["convert_qat_", "prepare_qat_", "save_qat_model"],
+    "quantization.callback": ["PostTrainingQuantizationCallback", "QATCallback"],
+    "quantization.ptq": ["quantize_model"],
+    "qlora": ["find_lora_target_modules", "load_qlora_model", "merge_qlora", "prepare_qlora"],
+    "metrics": ["classification_metrics", "compute_perplexity", "make_compute_metrics"],
+    "reporting": ["CompressionReport", "CompressionReportCallback", "compression_report"],
+    "recipes": ["Recipe", "load_recipe", "run_recipe"],
+    "utils.imports": [
+        "is_bitsandbytes_available",
+        "is_peft_available",
+        "is_torchao_available",
+    ],
+}
+
+_NAME_TO_MODULE = {name: module for module, names in _IMPORT_STRUCTURE.items() for name in names}
+
+__all__ = sorted(_NAME_TO_MODULE)
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _NAME_TO_MODULE.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'hf_compress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module_name}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .distillation.config import DistillationConfig
+    from .distillation.trainer import DistillationTrainer
