@@ -1,0 +1,476 @@
+"""`DistillationTrainer`: a drop-in `Trainer` whose loss mixes the task loss with matching a frozen teacher."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import defaultdict
+from dataclasses import fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+from ..utils.modules import unwrap_model
+from .config import DistillationConfig
+from .losses import distillation_loss, hidden_state_loss
+
+logger = logging.get_logger(__name__)
+
+PROJECTOR_FILE = "distillation_projector.pt"
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP / compile / PEFT wrappers."""
+    model = unwrap_model(model)
+    get_base = getattr(model, "get_base_model", None)  # PEFT
+    return get_base() if callable(get_base) else model
+
+
+def infer_task(model: nn.Module) -> str:
+    """`sequence-classification`, `causal-lm` or `token-classification`, from the model's class name."""
+    name = type(_base_model(model)).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "sequence-classification"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    if name.endswith("ForTokenClassification"):
+        return "token-classification"
+    raise ValueError(
+        f"task='auto' cannot tell what {name} predicts; set DistillationConfig.task to one of "
+        "'sequence-classification', 'causal-lm' or 'token-classification'."
+    )
+
+
+def _output_width(model: nn.Module, task: str) -> int | None:
+    """Number of logits per position: classes for classifiers, (padded) vocabulary rows for LMs."""
+    base = _base_model(model)
+    config = getattr(base, "config", None)
+    if task in ("sequence-classification", "token-classification"):
+        return getattr(config, "num_labels", None)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2 and getattr(weight, "quant_state", None) is None:
+        return int(weight.shape[0])
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "vocab_size", None)
+
+
+def _num_hidden_layers(model: nn.Module) -> int | None:
+    config = getattr(_base_model(model), "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("num_hidden_layers", "n_layers", "n_layer"):
+        if getattr(config, key, None) is not None:
+            return int(getattr(config, key))
+    return None
+
+
+def _hidden_width(model: nn.Module) -> int | None:
+    config = getattr(_base_model(model), "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("hidden_size", "dim", "n_embd", "d_model"):
+        if getattr(config, key, None) is not None:
+            return int(getattr(config, key))
+    return None
+
+
+def default_layer_mapping(num_student_layers: int, num_teacher_layers: int) -> list[int]:
+    """Teacher layer (1-based) for each student layer, evenly spaced: round(i * T / S) for i = 1..S."""
+    return [max(1, round(i * num_teacher_layers / num_student_layers)) for i in range(1, num_student_layers + 1)]
+
+
+class _SyncProjectorGradients:
+    """Averages the hidden-state projector's gradients across ranks before each optimizer step.
+
+    The projector lives outside the student (so it is never saved with it), hence outside DDP's gradient hooks.
+    """
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def __call__(self) -> None:
+        projector = self.trainer.hidden_projector
+        if projector is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return
+        for p in projector.parameters():
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(world)
+
+
+class DistillationTrainer(Trainer):
+    r"""
+    A [`~transformers.Trainer`] that distills a frozen teacher into the student it trains.
+
+    Every `Trainer` argument works unchanged (datasets, collator, `compute_metrics`, callbacks,
+    `processing_class`, a PEFT student, `optimizers`); the only addition is `teacher_model`. The loss is
+    `alpha * distillation + (1 - alpha) * task (+ hidden_loss_weight * hidden)`, with the parts logged separately
+    as `loss_distill`, `loss_task` and `loss_hidden`.
+
+    The teacher is kept in `eval()` with no gradients, is never wrapped in DDP, is placed by the accelerator
+    (sharded under FSDP2, a ZeRO-3 inference engine under DeepSpeed ZeRO-3), and is never saved into the student's
+    checkpoints.
+
+    Args:
+        model (`PreTrainedModel` or `peft.PeftModel`): the student.
+        teacher_model (`PreTrainedModel`, `nn.Module` or `str`):
+            the teacher, or a name/path loaded with `args.teacher_model_init_kwargs` and the student's task class.
+        args (`DistillationConfig`, *optional*): a plain `TrainingArguments` is converted with default
+            distillation settings.
+        **kwargs: every other `Trainer` argument.
+
+    >>> from hf_compress import DistillationConfig, DistillationTrainer
+    >>> trainer = DistillationTrainer(
+    ...     model=student, teacher_model=teacher, args=DistillationConfig(output_dir="out"), train_dataset=train
+    ... )  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: DistillationConfig | TrainingArguments | None = None,
+        **kwargs: Any,
+    ):
+        if model is None:
+            raise ValueError("model: DistillationTrainer needs a student model.")
+        if teacher_model is None:
+            raise ValueError("teacher_model: DistillationTrainer needs a teacher (a model, or a name/path to load).")
+        if args is None:
+            args = DistillationConfig(output_dir="tmp_trainer")
+        elif not isinstance(args, DistillationConfig):
+            logger.info("Converting %s to DistillationConfig with default distillation settings.", type(args).__name__)
+            values = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
+            args = DistillationConfig(**values)
+        self.task = args.task if args.task != "auto" else infer_task(model)
+        if isinstance(teacher_model, (str, os.PathLike)):
+            teacher_model = self._load_teacher(str(teacher_model), args.teacher_model_init_kwargs or {})
+        elif args.teacher_model_init_kwargs:
+            logger.warning("teacher_model_init_kwargs is ignored: the teacher was passed as a loaded model.")
+        if not isinstance(teacher_model, nn.Module):
+            raise TypeError(f"teacher_model must be an nn.Module or a name/path, got {type(teacher_model).__name__}.")
+        self._check_compatible(model, teacher_model, kwargs.get("processing_class"))
+
+        super().__init__(model=model, args=args, **kwargs)
+
+        # The loss below is normalised by the item count of the whole accumulated batch when the Trainer provides
+        # it, so ask the Trainer to count items whatever the student's forward signature.
+        self.model_accepts_loss_kwargs = True
+        if self.task == "causal-lm":
+            self._loss_shifts_labels = True
+
+        teacher_model.eval()
+        teacher_model.requires_grad_(False)
+        self.teacher_model = self._prepare_teacher(teacher_model)
+
+        self.hidden_projector: nn.ModuleList | None = None
+        self._layer_mapping: list[int] | None = None
+        if args.hidden_loss_weight > 0:
+            self._setup_hidden_distillation(model, teacher_model)
+        self._loss_parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # ------------------------------------------------------------------ setup
+    def _load_teacher(self, name_or_path: str, init_kwargs: dict[str, Any]) -> PreTrainedModel:
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoModelForTokenClassification,
+        )
+
+        if not os.path.isdir(os.path.expanduser(name_or_path)) and (
+            name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+        ):
+            raise ValueError(f"teacher_model: the path {name_or_path!r} does not exist.")
+        auto_class = {
+            "sequence-classification": AutoModelForSequenceClassification,
+            "causal-lm": AutoModelForCausalLM,
+            "token-classification": AutoModelForTokenClassification,
+        }[self.task]
+        init_kwargs = dict(init_kwargs)
+        dtype = init_kwargs.get("dtype", init_kwargs.get("torch_dtype"))
+        if isinstance(dtype, str) and dtype != "auto":
+            init_kwargs["dtype"] = getattr(torch, dtype)
+            init_kwargs.pop("torch_dtype", None)
+        try:
+            return auto_class.from_pretrained(name_or_path, **init_kwargs)
+        except OSError as err:
+            raise ValueError(
+                f"teacher_model: cannot load {name_or_path!r}: it is not a local model directory and could not be "
+                f"fetched from the Hub ({err.__class__.__name__}: {str(err).splitlines()[0]})."
+            ) from err
+
+    def _check_compatible(self, student: nn.Module, teacher: nn.Module, processing_class: Any) -> None:
+        s_width, t_width = _output_width(student, self.task), _output_width(teacher, self.task)
+        if s_width is None or t_width is None or s_width == t_width:
+            self._shared_width = None
+            return
+        if self.task in ("sequence-classification", "token-classification"):
+            raise ValueError(
+                f"teacher_model predicts {t_width} classes but the student predicts {s_width}; distillation needs "
+                "the same label set (num_labels and its order)."
+            )
+        # Causal LMs: widths may differ only because one embedding matrix is padded (e.g. 152064 vs 151936 rows);
+        # then every real token id is below the smaller width, and the distributions are compared on that range.
+        shared = min(s_width, t_width)
+        vocab = (
+            len(processing_class) if processing_class is not None and hasattr(processing_class, "__len__") else None
+        )
+        s_cfg, t_cfg = _base_model(student).config, _base_model(teacher).config
+        same_specials = all(
+            getattr(s_cfg, k, None) == getattr(t_cfg, k, None) for k in ("bos_token_id", "eos_token_id")
+        )
+        if vocab is None:
+            raise ValueError(
+                f"teacher_model has {t_width} output logits but the student has {s_width}. If the two share a "
+                "tokenizer and only one embedding matrix is padded, pass that tokenizer as processing_class so the "
+                "shared range can be checked; otherwise the vocabularies differ and cannot be distilled token-wise."
+            )
+        if vocab > shared or not same_specials:
+            raise ValueError(
+                f"teacher_model vocabulary ({t_width} logits) and student vocabulary ({s_width} logits) differ beyond "
+                f"embedding padding (tokenizer has {vocab} tokens, special token ids "
+                f"{'match' if same_specials else 'differ'}): the models use different tokenizers."
+            )
+        logger.info("Teacher and student logits differ only by padding; comparing the first %d.", shared)
+        self._shared_width = shared
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        from accelerate.utils import DistributedType
+
+        quantized = getattr(teacher, "is_loaded_in_4bit", False) or getattr(teacher, "is_loaded_in_8bit", False)
+        placed = getattr(teacher, "hf_device_map", None) is not None
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            return _prepare_deepspeed_teacher(teacher, self.accelerator)
+        if getattr(self.accelerator, "is_fsdp2", False) and not quantized:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            return fsdp2_prepare_model(self.accelerator, teacher)
+        # evaluation_mode: device placement and mixed precision only, never a DDP wrapper.
+        return self.accelerator.prepare_model(
+            teacher, device_placement=not (quantized or placed), evaluation_mode=True
+        )
+
+    def _setup_hidden_distillation(self, student: nn.Module, teacher: nn.Module) -> None:
+        s_layers, t_layers = _num_hidden_layers(student), _num_hidden_layers(teacher)
+        if s_layers is None or t_layers is None:
+            raise ValueError("hidden_loss_weight > 0 needs models whose config gives their number of layers.")
+        mapping = self.args.hidden_layer_mapping or default_layer_mapping(s_layers, t_layers)
+        if len(mapping) != s_layers:
+            raise ValueError(
+                f"hidden_layer_mapping={mapping} has {len(mapping)} entries but the student has {s_layers} layers."
+            )
+        if max(mapping) > t_layers:
+            raise ValueError(f"hidden_layer_mapping={mapping} names a teacher layer above its {t_layers} layers.")
+        self._layer_mapping = mapping
+        s_width, t_width = _hidden_width(student), _hidden_width(teacher)
+        if s_width is not None and t_width is not None and s_width != t_width:
+            from accelerate.utils import DistributedType
+
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+                raise ValueError(
+                    f"hidden_loss_weight > 0 with different widths (student {s_width}, teacher {t_width}) needs a "
+                    "learned projection, which is not supported under DeepSpeed; use DDP/FSDP or equal widths."
+                )
+            # TinyBERT's learned W_h, one per distilled layer: student width -> teacher width.
+            self.hidden_projector = nn.ModuleList(nn.Linear(s_width, t_width) for _ in mapping).to(self.args.device)
+            self.add_callback(_ProjectorCallback(_SyncProjectorGradients(self)))
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if self.hidden_projector is not None and not any(
+            p is q
+            for group in optimizer.param_groups
+            for p in group["params"]
+            for q in self.hidden_projector.parameters()
+        ):
+            optimizer.add_param_group(
+                {"params": list(self.hidden_projector.parameters()), "weight_decay": self.args.weight_decay}
+            )
+        return optimizer
+
+    # ------------------------------------------------------------------ loss
+    def _teacher_forward(self, inputs: dict[str, Any]) -> Any:
+        teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            return self.teacher_model(**teacher_inputs, output_hidden_states=self.args.hidden_loss_weight > 0)
+
+    def _positions(self, logits: torch.Tensor, inputs: dict[str, Any]) -> tuple[slice | None, torch.Tensor | None]:
+        """Which positions hold a distribution to distill, and the mask of those that count."""
+        labels = inputs.get("labels")
+        attention_mask = inputs.get("attention_mask")
+        if self.task == "sequence-classification":
+            return None, (labels != -100) if labels is not None else None
+        if self.task == "causal-lm":
+            # logits[:, t] predicts token t + 1: a position counts if that label is real (not -100, not padding).
+            if labels is not None:
+                mask = labels[:, 1:] != -100
+            elif attention_mask is not None:
+                mask = attention_mask[:, 1:].bool()
+            else:
+                mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)[:, 1:]
+            if attention_mask is not None:
+                mask = mask & attention_mask[:, 1:].bool()
+            return slice(None, -1), mask
+        mask = (labels != -100) if labels is not None else None
+        if attention_mask is not None:
+            mask = attention_mask.bool() if mask is None else mask & attention_mask.bool()
+        return slice(None), mask
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args: DistillationConfig = self.args
+        labels = inputs.get("labels")
+        student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        want_hidden = args.hidden_loss_weight > 0
+        outputs = model(**student_inputs, output_hidden_states=want_hidden)
+        teacher_outputs = self._teacher_forward(inputs)
+
+        s_logits, t_logits = outputs.logits, teacher_outputs.logits.to(outputs.logits.device)
+        if self._shared_width is not None:
+            s_logits, t_logits = s_logits[..., : self._shared_width], t_logits[..., : self._shared_width]
+        span, mask = self._positions(s_logits, inputs)
+        if span is not None:
+            s_logits, t_logits = s_logits[:, span], t_logits[:, span]
+        local_items = mask.sum() if mask is not None else torch.tensor(s_logits.shape[0], device=s_logits.device)
+        local_items = local_items.clamp_min(1)
+        # Sums are divided by the item count of the whole accumulated batch (across devices when the Trainer
+        # averages tokens across devices), so gradient accumulation gives the same update as one large batch.
+        # Without that count (evaluation, unlabeled data) each micro-batch is a plain mean.
+        denominator = num_items_in_batch if (num_items_in_batch is not None and model.training) else local_items
+
+        # Per-micro-batch means of each part, for the logs.
+        means: dict[str, torch.Tensor] = {}
+        sum_distill = distillation_loss(
+            s_logits, t_logits, args.loss_type, args.temperature, args.jsd_beta, mask, reduction="sum"
+        )
+        means["loss_distill"] = sum_distill / local_items
+        total = args.alpha * sum_distill
+        if args.alpha < 1.0:
+            if labels is None:
+                raise ValueError(
+                    f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
+                    "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
+                )
+            sum_task = self._task_loss(s_logits, labels, mask)
+            means["loss_task"] = sum_task / local_items
+            total = total + (1.0 - args.alpha) * sum_task
+        if want_hidden:
+            # A per-token mean over this micro-batch, weighted by its item count so it accumulates like the others.
+            means["loss_hidden"] = self._hidden_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
+            total = total + args.hidden_loss_weight * means["loss_hidden"] * local_items
+        loss = total / denominator
+
+        mode = "train" if model.training else "eval"
+        for key, value in means.items():
+            self._loss_parts[mode][key].append(float(value.detach()))
+
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None and model.training
+        if self.loss_is_scaled_for_ga and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # num_items_in_batch was summed over ranks and DDP averages gradients: undo the average.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Summed cross-entropy of the student on the labels (the same positions as the distillation loss)."""
+        if self.task == "sequence-classification":
+            return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+        if self.task == "causal-lm":
+            targets = labels[:, 1:]
+        else:
+            targets = labels
+        if mask is not None:
+            targets = targets.masked_fill(~mask, -100)
+        return F.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+
+    def _hidden_loss(self, outputs, teacher_outputs, attention_mask) -> torch.Tensor:
+        s_hidden, t_hidden = getattr(outputs, "hidden_states", None), getattr(teacher_outputs, "hidden_states", None)
+        if s_hidden is None or t_hidden is None:
+            which = "student" if s_hidden is None else "teacher"
+            raise ValueError(
+                f"hidden_loss_weight={self.args.hidden_loss_weight} needs hidden states, but the {which} returned none "
+                "with output_hidden_states=True. Set hidden_loss_weight=0 for this model."
+            )
+        mask = attention_mask.bool() if attention_mask is not None else None
+        total = 0.0
+        for i, t_index in enumerate(self._layer_mapping):
+            s_h = s_hidden[i + 1]
+            t_h = t_hidden[t_index].to(s_h.device)
+            if self.hidden_projector is not None:
+                s_h = self.hidden_projector[i](s_h.to(self.hidden_projector[i].weight.dtype))
+            total = total + hidden_state_loss(s_h, t_h, self.args.hidden_loss_type, mask, reduction="mean")
+        return total / len(self._layer_mapping)
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        parts = self._loss_parts[mode]
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in parts.items():
+            if values:
+                logs[f"{prefix}{key}"] = round(sum(values) / len(values), 6)
+        parts.clear()
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.hidden_projector is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            torch.save(self.hidden_projector.state_dict(), os.path.join(folder, PROJECTOR_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PROJECTOR_FILE)
+        if self.hidden_projector is not None and os.path.isfile(path):
+            self.hidden_projector.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+
+
+class _ProjectorCallback(TrainerCallback):
+    """Internal callback: syncs projector gradients across ranks before each optimizer step."""
+
+    def __init__(self, sync: _SyncProjectorGradients):
+        self.sync = sync
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.sync()
+
+
+def _prepare_deepspeed_teacher(teacher: nn.Module, accelerator) -> nn.Module:
+    """Wrap the teacher in a DeepSpeed inference engine that follows the run's ZeRO stage.
+
+    Under ZeRO-3 the teacher's parameters are partitioned across ranks like the student's, instead of a full copy
+    per rank; under stages 0-2 parameters are not partitioned, so stage 0 is used. No optimizer is created.
+    """
+    import deepspeed
+
+    plugin = accelerator.state.deepspeed_plugin
+    config = copy.deepcopy(plugin.deepspeed_config)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    hidden = _hidden_width(teacher)
+    if stage == 3 and hidden is not None:
+        config["zero_optimization"].update(
+            {
+                "reduce_bucket_size": hidden * hidden,
+                "stage3_param_persistence_threshold": 10 * hidden,
+                "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            }
+        )
+    if stage != 3:
+        config["zero_optimization"] = {"stage": 0}
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
