@@ -1,0 +1,245 @@
+"""`PruningCallback`: gradual unstructured / N:M pruning inside any `transformers.Trainer` run."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.trainer_callback import ExportableState, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from ..utils.modules import unwrap_model
+from .config import PruningConfig
+from .schedule import is_pruning_step, last_pruning_step_at_or_before, sparsity_at_step
+from .scoring import get_scorer_class
+from .unstructured import apply_masks_, compute_masks, get_pruning_targets, make_pruning_permanent_
+
+logger = logging.get_logger(__name__)
+
+MASKS_NAME = "pruning_masks.safetensors"
+
+# Calibration batches cannot go into trainer_state.json; when the Trainer re-creates this callback from a checkpoint
+# (`restore_callback_states_from_checkpoint=True`) the new instance finds them here through its `calibration_key`.
+_CALIBRATION_DATA: dict[str, Any] = {}
+
+
+def _broadcast_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Under torch.distributed, make every rank use rank 0's masks (scores can differ by float noise or by
+    rank-local calibration batches; masks must not)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return masks
+    if torch.distributed.get_world_size() == 1:
+        return masks
+    out = {}
+    for name in sorted(masks):
+        buffer = masks[name].to(torch.uint8)  # gloo has no bool collectives
+        torch.distributed.broadcast(buffer, src=0)
+        out[name] = buffer.bool()
+    return {name: out[name] for name in masks}
+
+
+class PruningCallback(TrainerCallback, ExportableState):
+    """Prunes the model on a schedule during `Trainer.train()` and keeps pruned weights at exactly zero.
+
+    - Masks are recomputed at the schedule's steps (`TrainerState.global_step`, i.e. optimizer updates, so gradient
+      accumulation does not change the schedule) and re-applied after every optimizer step, so Adam momentum cannot
+      revive a pruned weight. Under DDP the masks of rank 0 are broadcast to every rank.
+    - Logs `sparsity`, `sparsity_target`, `sparsity_layer_min` and `sparsity_layer_max` with the training logs.
+    - Checkpoints get a `pruning_masks.safetensors` and the schedule position (via `ExportableState`), and
+      `resume_from_checkpoint` continues with the same masks as an uninterrupted run.
+    - At the end of training the masks are baked into the weights: `trainer.save_model()` writes a plain
+      transformers checkpoint whose zeros `from_pretrained` loads back.
+    - With a PEFT model the base layers are pruned (never `lora_A` / `lora_B`); merge with
+      [`merge_lora_keep_sparsity`] so the dense LoRA delta does not fill the pruned positions.
+
+    Args:
+        config ([`PruningConfig`] or `dict`): what, how much and when to prune.
+        calibration_data (*optional*): batches for `method="wanda"` (a list of dicts of tensors or a DataLoader);
+            the first `config.num_calibration_batches` are used at every pruning step.
+        calibration_key (`str`, *optional*): internal; lets a callback re-created from a checkpoint find its
+            calibration data.
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer
+    >>> from hf_compress import PruningCallback, PruningConfig
+    >>> config = PruningConfig(sparsity=0.5, schedule="cubic", start_step=0, end_step=800, frequency=50)
+    >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[PruningCallback(config)])
+    >>> trainer.train()
+    >>> trainer.save_model()  # a plain checkpoint, 50% of the block weights are zeros
+    ```
+    """
+
+    def __init__(self, config: PruningConfig | dict, calibration_data=None, calibration_key: str | None = None):
+        if isinstance(config, dict):
+            config = PruningConfig(**config)
+        if not isinstance(config, PruningConfig):
+            raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}.")
+        if calibration_data is None and calibration_key is not None:
+            calibration_data = _CALIBRATION_DATA.get(calibration_key)
+        if config.requires_calibration and calibration_data is None:
+            raise ValueError(
+                f"method={config.method!r} needs calibration_data: pass a few batches of model inputs, e.g. "
+                "PruningCallback(config, calibration_data=[next(iter(dataloader)) for _ in range(8)])."
+            )
+        self.config = config
+        self.calibration_data = calibration_data
+        self.calibration_key = calibration_key
+        if calibration_data is not None:
+            self.calibration_key = calibration_key or uuid.uuid4().hex
+            _CALIBRATION_DATA[self.calibration_key] = calibration_data
+        self.masks: dict[str, torch.Tensor] = {}
+        self.sparsity_target = 0.0
+        self.last_pruning_step: int | None = None
+        self._modules: dict[str, nn.Module] | None = None
+        self._trainable: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._layer_sparsity: dict[str, float] = {}
+        self._scorer = get_scorer_class(config.method)()
+
+    # ExportableState: the Trainer stores this in trainer_state.json of every checkpoint.
+    def state(self) -> dict:
+        return {
+            "args": {"config": self.config.to_dict(), "calibration_key": self.calibration_key},
+            "attributes": {"sparsity_target": self.sparsity_target, "last_pruning_step": self.last_pruning_step},
+        }
+
+    @property
+    def sparsity(self) -> float:
+        """Current fraction of pruned weights among the targeted ones."""
+        if not self.masks:
+            return 0.0
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        return 1 - kept / sum(m.numel() for m in self.masks.values())
+
+    def _set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        modules = self._modules
+        self.masks = {name: mask.to(modules[name].weight.device) for name, mask in masks.items()}
+        apply_masks_(modules, self.masks)
+        # Only weights the optimizer updates need re-masking after a step (frozen PEFT base layers do not).
+        self._trainable = [
+            (modules[name].weight, mask) for name, mask in self.masks.items() if modules[name].weight.requires_grad
+        ]
+        self._layer_sparsity = {name: 1 - int(m.sum()) / m.numel() for name, m in self.masks.items()}
+
+    def _prune(self, model: nn.Module, step: int) -> None:
+        target = sparsity_at_step(self.config, step)
+        if self._scorer.requires_calibration:
+            self._scorer.prepare(model, self._modules, self.calibration_data, self.config.num_calibration_batches)
+        masks = compute_masks(
+            model,
+            self.config,
+            sparsity=target,
+            previous_masks=self.masks or None,
+            modules=self._modules,
+            scorer=self._scorer,
+        )
+        self._set_masks(_broadcast_masks(masks))
+        self.sparsity_target = target
+        self.last_pruning_step = step
+        logger.info(f"Pruning at step {step}: target {target:.4f}, sparsity {self.sparsity:.4f}")
+
+    def _find_checkpoint_masks(self, args, state) -> str | None:
+        candidates = []
+        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
+            candidates.append(args.resume_from_checkpoint)
+        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
+        for folder in candidates:
+            path = os.path.join(folder, MASKS_NAME)
+            if os.path.isfile(path):
+                return path
+        return None
+
+    def _restore(self, args, state) -> None:
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        if saved and "attributes" in saved:
+            self.sparsity_target = saved["attributes"].get("sparsity_target", 0.0)
+            self.last_pruning_step = saved["attributes"].get("last_pruning_step")
+        else:
+            self.last_pruning_step = last_pruning_step_at_or_before(self.config, state.global_step)
+            self.sparsity_target = (
+                sparsity_at_step(self.config, self.last_pruning_step) if self.last_pruning_step is not None else 0.0
+            )
+        if self.last_pruning_step is None:
+            return
+        path = self._find_checkpoint_masks(args, state)
+        if path is not None:
+            from safetensors.torch import load_file
+
+            loaded = load_file(path)
+            if set(loaded) != set(self._modules):
+                raise ValueError(
+                    f"{path} holds masks for other modules than this run prunes (config or model changed): "
+                    f"{sorted(set(loaded) ^ set(self._modules))[:5]}"
+                )
+            masks = {name: loaded[name].bool() for name in self._modules}
+        else:
+            # The checkpoint's weights hold the zeros; a kept weight that is exactly 0.0 would be taken as pruned.
+            logger.warning(
+                f"No {MASKS_NAME} found for step {state.global_step}; rebuilding pruning masks from the zeros of the "
+                "loaded weights."
+            )
+            masks = {name: module.weight.detach() != 0 for name, module in self._modules.items()}
+        self._set_masks(_broadcast_masks(masks))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("PruningCallback needs the model in on_train_begin (use it with a transformers Trainer).")
+        model = unwrap_model(model)
+        self._modules = get_pruning_targets(model, self.config)
+        self.masks = {}
+        if state.global_step > 0:
+            self._restore(args, state)
+        elif is_pruning_step(self.config, 0):
+            self._prune(model, 0)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._scorer.observes_training and self._modules is not None:
+            self._scorer.observe_step(self._modules)
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # Right after optimizer.step(): pruned weights go back to exactly zero whatever Adam's state says.
+        for weight, mask in self._trainable:
+            weight.mul_(mask)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        step = state.global_step
+        if is_pruning_step(self.config, step) and step != self.last_pruning_step:
+            self._prune(unwrap_model(model), step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or not self.masks or any(k.startswith(("eval_", "test_")) for k in logs):
+            return
+        values = {
+            "sparsity": round(self.sparsity, 6),
+            "sparsity_target": round(self.sparsity_target, 6),
+            "sparsity_layer_min": round(min(self._layer_sparsity.values()), 6),
+            "sparsity_layer_max": round(max(self._layer_sparsity.values()), 6),
+        }
+        logs.update(values)
+        # The Trainer appended the logs to log_history before calling callbacks; keep the history complete.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.masks or not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            from safetensors.torch import save_file
+
+            save_file(
+                {name: mask.contiguous().cpu() for name, mask in self.masks.items()}, os.path.join(folder, MASKS_NAME)
+            )
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.masks and model is not None:
+            make_pruning_permanent_(model, self.masks)
+            logger.info(f"Pruning made permanent: sparsity {self.sparsity:.4f} over {len(self.masks)} modules")

@@ -1,0 +1,182 @@
+"""Configuration of unstructured and N:M (semi-structured) pruning."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_SCOPES = ("layer", "global")
+_SCHEDULES = ("oneshot", "linear", "cubic")
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_nm_pattern(pattern: str) -> tuple[int, int] | None:
+    """`"2:4"` -> `(2, 4)`, `"unstructured"` -> `None`. Raises `ValueError` for anything else."""
+    if pattern == "unstructured":
+        return None
+    match = _NM_RE.match(pattern) if isinstance(pattern, str) else None
+    if match is None:
+        raise ValueError(
+            f"pattern={pattern!r} is not allowed: use 'unstructured' or an 'N:M' string such as '2:4' or '4:8' "
+            "(at most N of every M consecutive input weights survive)."
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(
+            f"pattern={pattern!r} is not allowed: an N:M pattern needs 0 < N < M (for example '2:4' or '4:8')."
+        )
+    return n, m
+
+
+def _did_you_mean(value: str, allowed) -> str:
+    close = difflib.get_close_matches(str(value), list(allowed), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+@dataclass
+class PruningConfig:
+    """What to prune, how much and when: the configuration shared by [`prune_`] and [`PruningCallback`].
+
+    Args:
+        method (`str`, *optional*, defaults to `"magnitude"`):
+            How weights are scored; the lowest-scored are pruned. `"magnitude"` is |W| (L1); `"wanda"` is
+            |W| x the L2 norm of the layer's input feature over calibration tokens (Sun et al. 2023,
+            "A Simple and Effective Pruning Approach for Large Language Models"). Other scorers can be added with
+            [`~hf_compress.pruning.scoring.register_scorer`].
+        sparsity (`float`, *optional*):
+            Final fraction of targeted weights set to zero, in [0, 1). Defaults to 0.5 for `"unstructured"`; for an
+            N:M pattern it is 1 - N/M and may be left unset.
+        scope (`str`, *optional*, defaults to `"layer"`):
+            `"layer"`: every targeted weight reaches `sparsity`; `"global"`: one threshold across all targeted
+            weights (layers end with different sparsities). N:M patterns are always per group.
+        pattern (`str`, *optional*, defaults to `"unstructured"`):
+            `"unstructured"` or `"N:M"` (e.g. `"2:4"`): in every group of M consecutive input weights of an output
+            row at most N survive (GPT-2 `Conv1D` weights are transposed; groups still run along the input).
+        target_modules (`str` or `list[str]`, *optional*):
+            Names or regexes of modules to prune, as in PEFT. Defaults to every Linear/Conv1D inside the
+            transformer blocks (embeddings, heads and norms are left alone).
+        exclude_modules (`str` or `list[str]`, *optional*): names or regexes removed from the targets.
+        schedule (`str`, *optional*, defaults to `"oneshot"`):
+            `"oneshot"` prunes to `sparsity` at `start_step`; `"linear"` and `"cubic"` (Zhu & Gupta 2017, "To prune,
+            or not to prune") raise the sparsity from `initial_sparsity` at `start_step` to `sparsity` at
+            `end_step`, every `frequency` optimizer steps.
+        initial_sparsity (`float`, *optional*, defaults to 0.0): sparsity of the first gradual step.
+        start_step (`int`, *optional*, defaults to 0): optimizer step of the first pruning (0 = before training).
+        end_step (`int`, *optional*): optimizer step of the last pruning; required for `"linear"`/`"cubic"`.
+        frequency (`int`, *optional*, defaults to 10): optimizer steps between two pruning updates.
+        num_calibration_batches (`int`, *optional*, defaults to 8): calibration batches used by `"wanda"`.
+
+    Example:
+
+    ```python
+    >>> from hf_compress import PruningConfig
+    >>> config = PruningConfig(method="magnitude", sparsity=0.5, schedule="cubic", start_step=0, end_step=100)
+    >>> config.target_sparsity
+    0.5
+    >>> PruningConfig(pattern="2:4").target_sparsity
+    0.5
+    ```
+    """
+
+    method: str = field(default="magnitude", metadata={"help": "Scoring method: 'magnitude' or 'wanda'."})
+    sparsity: float | None = field(
+        default=None,
+        metadata={"help": "Final fraction of targeted weights set to zero, in [0, 1). Default 0.5, or 1-N/M."},
+    )
+    scope: str = field(default="layer", metadata={"help": "'layer' (each weight) or 'global' (one threshold)."})
+    pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or an 'N:M' string like '2:4'."})
+    target_modules: str | list[str] | None = field(
+        default=None, metadata={"help": "Module names or regexes to prune (default: Linear layers of the blocks)."}
+    )
+    exclude_modules: str | list[str] | None = field(
+        default=None, metadata={"help": "Module names or regexes never pruned."}
+    )
+    schedule: str = field(default="oneshot", metadata={"help": "'oneshot', 'linear' or 'cubic' (Zhu & Gupta)."})
+    initial_sparsity: float = field(default=0.0, metadata={"help": "Sparsity of the first gradual pruning step."})
+    start_step: int = field(default=0, metadata={"help": "Optimizer step of the first pruning (0: before training)."})
+    end_step: int | None = field(default=None, metadata={"help": "Optimizer step of the last pruning."})
+    frequency: int = field(default=10, metadata={"help": "Optimizer steps between pruning updates."})
+    num_calibration_batches: int = field(default=8, metadata={"help": "Calibration batches used by 'wanda'."})
+
+    def __post_init__(self):
+        from .scoring import available_scorers
+
+        scorers = available_scorers()
+        if self.method not in scorers:
+            raise ValueError(
+                f"method={self.method!r} is not allowed: choose one of {sorted(scorers)}."
+                + _did_you_mean(self.method, scorers)
+            )
+        if self.scope not in _SCOPES:
+            raise ValueError(
+                f"scope={self.scope!r} is not allowed: choose one of {list(_SCOPES)}."
+                + _did_you_mean(self.scope, _SCOPES)
+            )
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(
+                f"schedule={self.schedule!r} is not allowed: choose one of {list(_SCHEDULES)}."
+                + _did_you_mean(self.schedule, _SCHEDULES)
+            )
+        nm = parse_nm_pattern(self.pattern)
+        if self.sparsity is not None and not (
+            isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool) and 0 <= self.sparsity < 1
+        ):
+            raise ValueError(f"sparsity={self.sparsity!r} is not allowed: it must be a number in [0, 1).")
+        if nm is not None:
+            n, m = nm
+            if self.sparsity is not None and abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"sparsity={self.sparsity!r} does not match pattern={self.pattern!r}, whose sparsity is "
+                    f"1 - {n}/{m} = {1 - n / m:g}: leave sparsity unset with an N:M pattern."
+                )
+            if self.scope != "layer":
+                raise ValueError(
+                    f"scope={self.scope!r} is not allowed with pattern={self.pattern!r}: N:M sparsity is decided "
+                    "per group of M weights, use scope='layer'."
+                )
+        if not 0 <= self.initial_sparsity < 1:
+            raise ValueError(f"initial_sparsity={self.initial_sparsity!r} is not allowed: it must be in [0, 1).")
+        if self.initial_sparsity > self.target_sparsity:
+            raise ValueError(
+                f"initial_sparsity={self.initial_sparsity!r} is larger than the final sparsity "
+                f"{self.target_sparsity!r}: it must be smaller or equal."
+            )
+        if not isinstance(self.start_step, int) or self.start_step < 0:
+            raise ValueError(f"start_step={self.start_step!r} is not allowed: it must be an integer >= 0.")
+        if self.end_step is not None and (not isinstance(self.end_step, int) or self.end_step < self.start_step):
+            raise ValueError(
+                f"end_step={self.end_step!r} is not allowed: it must be an integer >= start_step={self.start_step}."
+            )
+        if self.schedule in ("linear", "cubic") and self.end_step is None:
+            raise ValueError(f"end_step=None is not allowed with schedule={self.schedule!r}: give the last step.")
+        if not isinstance(self.frequency, int) or self.frequency < 1:
+            raise ValueError(f"frequency={self.frequency!r} is not allowed: it must be an integer >= 1.")
+        if not isinstance(self.num_calibration_batches, int) or self.num_calibration_batches < 1:
+            raise ValueError(
+                f"num_calibration_batches={self.num_calibration_batches!r} is not allowed: it must be an integer >= 1."
+            )
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """`(N, M)` for an N:M pattern, `None` for unstructured."""
+        return parse_nm_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        """The final sparsity: `sparsity`, 1 - N/M for an N:M pattern, or 0.5 by default."""
+        nm = self.nm
+        if nm is not None:
+            return 1 - nm[0] / nm[1]
+        return 0.5 if self.sparsity is None else float(self.sparsity)
+
+    @property
+    def requires_calibration(self) -> bool:
+        from .scoring import get_scorer_class
+
+        return get_scorer_class(self.method).requires_calibration
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
