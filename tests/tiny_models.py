@@ -108,3 +108,16 @@ def lm_dataset(n: int = 32, seq: int = 16, vocab: int = VOCAB, seed: int = 0):
         ids = (torch.arange(seq) + start) % vocab
         rows.append({"input_ids": ids, "attention_mask": torch.ones(seq, dtype=torch.long), "labels": ids.clone()})
     return ListDataset(rows)
+
+
+def tiny_qwen2(layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB,
+               seed: int = 0, **kw):
+    """Qwen2: a Llama-family layout whose config has no `head_dim` field (head_dim = hidden / heads)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=hidden * 2, max_position_embeddings=64, **kw,
+    )
+    return Qwen2ForCausalLM(cfg)
