@@ -22,8 +22,14 @@ VOCAB = 96
 def tiny_bert(num_labels: int = 2, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, **kw):
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=hidden * 2, max_position_embeddings=64, num_labels=num_labels, **kw,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        **kw,
     )
     return BertForSequenceClassification(cfg)
 
@@ -31,8 +37,14 @@ def tiny_bert(num_labels: int = 2, layers: int = 2, hidden: int = 32, heads: int
 def tiny_distilbert(num_labels: int = 2, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, **kw):
     torch.manual_seed(seed)
     cfg = DistilBertConfig(
-        vocab_size=VOCAB, dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=hidden * 2,
-        max_position_embeddings=64, num_labels=num_labels, **kw,
+        vocab_size=VOCAB,
+        dim=hidden,
+        n_layers=layers,
+        n_heads=heads,
+        hidden_dim=hidden * 2,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        **kw,
     )
     return DistilBertForSequenceClassification(cfg)
 
@@ -40,8 +52,14 @@ def tiny_distilbert(num_labels: int = 2, layers: int = 2, hidden: int = 32, head
 def tiny_roberta(num_labels: int = 2, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, **kw):
     torch.manual_seed(seed)
     cfg = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=hidden * 2, max_position_embeddings=70, num_labels=num_labels, **kw,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=70,
+        num_labels=num_labels,
+        **kw,
     )
     return RobertaForSequenceClassification(cfg)
 
@@ -52,12 +70,19 @@ def tiny_gpt2(layers: int = 2, hidden: int = 32, heads: int = 4, vocab: int = VO
     return GPT2LMHeadModel(cfg)
 
 
-def tiny_llama(layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB,
-               seed: int = 0, **kw):
+def tiny_llama(
+    layers: int = 2, hidden: int = 32, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB, seed: int = 0, **kw
+):
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=hidden * 2, max_position_embeddings=64, **kw,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=64,
+        **kw,
     )
     return LlamaForCausalLM(cfg)
 
@@ -110,14 +135,21 @@ def lm_dataset(n: int = 32, seq: int = 16, vocab: int = VOCAB, seed: int = 0):
     return ListDataset(rows)
 
 
-def tiny_qwen2(layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB,
-               seed: int = 0, **kw):
+def tiny_qwen2(
+    layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB, seed: int = 0, **kw
+):
     """Qwen2: a Llama-family layout whose config has no `head_dim` field (head_dim = hidden / heads)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=hidden * 2, max_position_embeddings=64, **kw,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=64,
+        **kw,
     )
     return Qwen2ForCausalLM(cfg)
