@@ -215,13 +215,14 @@ class PruningCallback(TrainerCallback, ExportableState):
             self._prune(unwrap_model(model), step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or not self.masks or any(k.startswith(("eval_", "test_")) for k in logs):
+        if logs is None or self._modules is None or any(k.startswith(("eval_", "test_")) for k in logs):
             return
+        layers = self._layer_sparsity.values() or [0.0]
         values = {
             "sparsity": round(self.sparsity, 6),
             "sparsity_target": round(self.sparsity_target, 6),
-            "sparsity_layer_min": round(min(self._layer_sparsity.values()), 6),
-            "sparsity_layer_max": round(max(self._layer_sparsity.values()), 6),
+            "sparsity_layer_min": round(min(layers), 6),
+            "sparsity_layer_max": round(max(layers), 6),
         }
         logs.update(values)
         # The Trainer appended the logs to log_history before calling callbacks; keep the history complete.
