@@ -31,8 +31,16 @@ def _out_in(module):
 
 def _args(tmp_path, **kw):
     base = dict(
-        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
     )
     base.update(kw)
     return TrainingArguments(**base)
@@ -198,8 +206,12 @@ def test_wanda_without_calibration_and_unmatched_targets_fail_before_training(tm
     # Through the Trainer: the error comes at on_train_begin, before any optimizer step.
     model = tiny_gpt2()
     before = model.transformer.h[0].mlp.c_fc.weight.clone()
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=lm_dataset(),
-                      callbacks=[PruningCallback(PruningConfig(target_modules=["nope"]))])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=lm_dataset(),
+        callbacks=[PruningCallback(PruningConfig(target_modules=["nope"]))],
+    )
     with pytest.raises(ValueError, match="'nope' matches no Linear module"):
         trainer.train()
     assert torch.equal(model.transformer.h[0].mlp.c_fc.weight, before)
@@ -246,8 +258,12 @@ def test_callback_zeros_survive_many_adam_steps(tmp_path):
     pruning = PruningCallback(PruningConfig(sparsity=0.5, schedule="oneshot", start_step=0))
     watcher = _ZeroWatcher(pruning)
     kept_before = model.transformer.h[0].mlp.c_fc.weight.clone()
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=25, learning_rate=5e-2, weight_decay=0.1),
-                      train_dataset=lm_dataset(64), callbacks=[pruning, watcher])
+    trainer = Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=25, learning_rate=5e-2, weight_decay=0.1),
+        train_dataset=lm_dataset(64),
+        callbacks=[pruning, watcher],
+    )
     trainer.train()
     assert len(watcher.ok) == 25 and all(watcher.ok)
     w = model.transformer.h[0].mlp.c_fc.weight
@@ -261,8 +277,13 @@ def _train_gradual(tmp_path, accumulation=1, max_steps=12, **kw):
     model = tiny_llama()
     config = PruningConfig(sparsity=0.6, schedule="cubic", start_step=2, end_step=8, frequency=2)
     pruning = PruningCallback(config)
-    args = _args(tmp_path, max_steps=max_steps, gradient_accumulation_steps=accumulation,
-                 per_device_train_batch_size=4 // accumulation, **kw)
+    args = _args(
+        tmp_path,
+        max_steps=max_steps,
+        gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=4 // accumulation,
+        **kw,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(64), callbacks=[pruning])
     trainer.train()
     return model, pruning, trainer
@@ -276,8 +297,9 @@ def test_callback_gradual_schedule_logs_and_accumulation(tmp_path, accumulation)
     targets = [h["sparsity_target"] for h in logs]
     config = pruning.config
     # Targets follow optimizer steps (not micro-batches): last pruning step <= t decides the target.
-    expected = [sparsity_at_step(config, max(s for s in (2, 4, 6, 8) if s <= t)) if t >= 2 else 0.0
-                for t in range(1, 13)]
+    expected = [
+        sparsity_at_step(config, max(s for s in (2, 4, 6, 8) if s <= t)) if t >= 2 else 0.0 for t in range(1, 13)
+    ]
     assert targets == pytest.approx(expected, abs=1e-6)
     sparsities = [h["sparsity"] for h in logs]
     assert sparsities[0] == 0.0 and sparsities == sorted(sparsities)
@@ -312,8 +334,7 @@ def test_resume_mid_schedule_gives_bit_identical_masks(tmp_path):
 def test_save_model_reloads_with_from_pretrained_same_sparsity_and_logits(tmp_path):
     model = tiny_gpt2()
     pruning = PruningCallback(PruningConfig(pattern="2:4", schedule="oneshot", start_step=3))
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=6), train_dataset=lm_dataset(),
-                      callbacks=[pruning])
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=6), train_dataset=lm_dataset(), callbacks=[pruning])
     trainer.train()
     out = tmp_path / "saved"
     trainer.save_model(str(out))
@@ -335,11 +356,14 @@ def test_save_model_reloads_with_from_pretrained_same_sparsity_and_logits(tmp_pa
 def test_peft_lora_prunes_base_layers_and_merge_keeps_sparsity(tmp_path):
     peft = pytest.importorskip("peft")
     base = tiny_llama()
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
-                                                      lora_dropout=0.0, init_lora_weights=False))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0, init_lora_weights=False
+        ),
+    )
     pruning = PruningCallback(PruningConfig(pattern="2:4"))
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=lm_dataset(),
-                      callbacks=[pruning])
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=lm_dataset(), callbacks=[pruning])
     trainer.train()
     assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer" in pruning.masks
     assert "base_model.model.model.layers.0.mlp.down_proj" in pruning.masks  # non-LoRA layers too
@@ -349,19 +373,27 @@ def test_peft_lora_prunes_base_layers_and_merge_keeps_sparsity(tmp_path):
     report = sparsity_report(merged, pattern="2:4")
     assert report["n_m_compliant"] and report["target_sparsity"] == pytest.approx(0.5)
     # A naive merge would have filled the pruned positions (the LoRA delta is dense).
-    naive = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"],
-                                                               init_lora_weights=False))
+    naive = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     prune_(naive, PruningConfig(pattern="2:4"))
     assert sparsity_report(naive.merge_and_unload())["modules"]["model.layers.0.self_attn.q_proj"]["sparsity"] < 0.1
 
 
 def test_wanda_callback_with_calibration_batches(tmp_path):
     calibration = [random_token_batch(seed=i) for i in range(2)]
-    pruning = PruningCallback(PruningConfig(method="wanda", sparsity=0.5, schedule="linear", start_step=0,
-                                            end_step=4, frequency=2, num_calibration_batches=2), calibration)
+    pruning = PruningCallback(
+        PruningConfig(
+            method="wanda",
+            sparsity=0.5,
+            schedule="linear",
+            start_step=0,
+            end_step=4,
+            frequency=2,
+            num_calibration_batches=2,
+        ),
+        calibration,
+    )
     model = tiny_gpt2()
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=6), train_dataset=lm_dataset(),
-                      callbacks=[pruning])
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=6), train_dataset=lm_dataset(), callbacks=[pruning])
     trainer.train()
     assert pruning.last_pruning_step == 4
     assert sparsity_report(model)["target_sparsity"] == pytest.approx(0.5, abs=1e-3)
