@@ -50,8 +50,9 @@ class QATCallback(TrainerCallback, ExportableState):
 
     The schedule survives `resume_from_checkpoint`: the callback's arguments are stored in the checkpoint and, when
     training resumes at or past `start_step`, fake quantization is re-inserted in `on_train_begin` before the first
-    resumed step. (The Trainer then replaces this callback object by one rebuilt from the checkpoint: look it up in
-    `trainer.callback_handler.callbacks` rather than keeping a reference.)
+    resumed step (the checkpoint holds plain weights, and the optimizer state belongs to the same `Parameter`s). With
+    `restore_callback_states_from_checkpoint=True` the Trainer replaces this callback object by one rebuilt from the
+    checkpoint: look it up in `trainer.callback_handler.callbacks` rather than keeping a reference.
 
     Works unchanged inside [`DistillationTrainer`] (quantization-aware distillation: the student trains with fake
     quantization while matching the teacher).
