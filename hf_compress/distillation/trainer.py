@@ -174,7 +174,7 @@ class DistillationTrainer(Trainer):
         self._layer_mapping: list[int] | None = None
         if args.hidden_loss_weight > 0:
             self._setup_hidden_distillation(model, teacher_model)
-        self._loss_parts: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._loss_parts: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     # ------------------------------------------------------------------ setup
     def _load_teacher(self, name_or_path: str, init_kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -368,7 +368,7 @@ class DistillationTrainer(Trainer):
 
         mode = "train" if model.training else "eval"
         for key, value in means.items():
-            self._loss_parts[mode][key].append(float(value.detach()))
+            self._loss_parts[mode][key].append(value.detach())  # no host sync per step
 
         self.loss_is_scaled_for_ga = num_items_in_batch is not None and model.training
         if self.loss_is_scaled_for_ga and self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -415,7 +415,7 @@ class DistillationTrainer(Trainer):
         prefix = "eval_" if mode == "eval" else ""
         for key, values in parts.items():
             if values:
-                logs[f"{prefix}{key}"] = round(sum(values) / len(values), 6)
+                logs[f"{prefix}{key}"] = round(torch.stack(values).float().mean().item(), 6)
         parts.clear()
         super().log(logs, *args, **kwargs)
 
