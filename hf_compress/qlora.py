@@ -328,7 +328,10 @@ def prepare_qlora(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
     elif gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if gradient_checkpointing and getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # the KV cache is useless (and warned about) under checkpointing
 
@@ -640,7 +643,9 @@ def _evaluate(
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     if compute_metrics is not None and all_logits:
         pred = EvalPrediction(predictions=torch.cat(all_logits).numpy(), label_ids=torch.cat(all_labels).numpy())
-        metrics.update({k if k.startswith("eval_") else f"eval_{k}": float(v) for k, v in compute_metrics(pred).items()})
+        metrics.update(
+            {k if k.startswith("eval_") else f"eval_{k}": float(v) for k, v in compute_metrics(pred).items()}
+        )
     return metrics
 
 
@@ -717,7 +722,9 @@ def merge_qlora(
     out = _check_output_dir(output_dir, overwrite, "output_dir")
     req_out = None
     if requantize is not None:
-        req_out = _check_output_dir(requantized_output_dir or f"{out}-{requantize}", overwrite, "requantized_output_dir")
+        req_out = _check_output_dir(
+            requantized_output_dir or f"{out}-{requantize}", overwrite, "requantized_output_dir"
+        )
         require_backend("bitsandbytes", f"Re-quantizing the merged model (requantize={requantize!r})")
     model_kwargs = dict(model_kwargs or {})
 
@@ -757,7 +764,10 @@ def merge_qlora(
         # 1. the full-precision copy of the base: dequantized 4-bit weights (or the original ones)
         if dequantize_base and quantization_config is not None:
             base = auto_cls.from_pretrained(
-                base_path, quantization_config=quantization_config, dtype=torch.float32, device_map=device_map,
+                base_path,
+                quantization_config=quantization_config,
+                dtype=torch.float32,
+                device_map=device_map,
                 **model_kwargs,
             )
             base = base.dequantize()
