@@ -43,7 +43,7 @@ _LAYER_IMPORTANCE = ("evenly_spaced", "block_influence")
 
 
 def _did_you_mean(value: str, allowed: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(allowed), n=1)
+    close = difflib.get_close_matches(str(value), list(allowed), n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
