@@ -309,3 +309,61 @@ def test_merge_bad_arguments(trained_llama, tmp_path):
         merge_qlora(tmp_path, tmp_path / "m")
     with pytest.raises(ValueError, match="must be a PeftModel"):
         merge_qlora(copy.deepcopy(tiny_llama()), tmp_path / "m")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QLoRA in DistillationTrainer: a 4-bit student with adapters, a 4-bit teacher loaded from its path
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _kl_to_teacher(student, teacher, rows, temperature=2.0):
+    batch = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}
+    student.eval()
+    s = torch.log_softmax(student(**batch).logits.float() / temperature, -1)
+    t = torch.log_softmax(teacher(**batch).logits.float() / temperature, -1)
+    return float((t.exp() * (t - s)).sum(-1).mean())
+
+
+@pytest.mark.slow
+def test_qlora_student_learns_from_4bit_teacher(llama_dir, tmp_path):
+    from transformers import BitsAndBytesConfig
+
+    from hf_compress import DistillationConfig, DistillationTrainer
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(layers=3, hidden=HIDDEN, heads=4, kv_heads=2, seed=1).save_pretrained(teacher_dir)
+    student = load_qlora_model(llama_dir, lora_r=8, lora_dropout=0.0)
+    quantized_before = _quantized_state(student)
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "out"),
+        alpha=1.0,
+        temperature=2.0,
+        teacher_model_init_kwargs={
+            "quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+            "device_map": {"": "cpu"},
+        },
+        max_steps=8,
+        learning_rate=3e-2,
+        per_device_train_batch_size=8,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=str(teacher_dir), args=args, train_dataset=lm_dataset(n=64, seq=16)
+    )
+    teacher = trainer.teacher_model
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in teacher.modules()) == 3 * 7
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher_before = _quantized_state(teacher)
+    probe = lm_dataset(n=16, seq=16, seed=3).rows
+    kl_before = _kl_to_teacher(student, teacher, probe)
+    trainer.train()
+    kl_after = _kl_to_teacher(student, teacher, probe)
+    assert kl_after < 0.9 * kl_before
+    for name, weight in _quantized_state(student).items():  # the student's 4-bit base stayed frozen
+        assert torch.equal(weight, quantized_before[name]), name
+    for name, weight in _quantized_state(teacher).items():
+        assert torch.equal(weight, teacher_before[name]), name
+    assert all("lora_" in n for n, p in student.named_parameters() if p.requires_grad)
