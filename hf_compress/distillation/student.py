@@ -195,6 +195,11 @@ def create_student(
             )
         setattr(config, layout.intermediate_config_key, intermediate_size)
 
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and indices != list(range(len(indices))):
+        logger.warning(
+            "scale_attn_by_inverse_layer_idx=True: attention in student layer i is scaled by 1/(i+1), not by the "
+            "1/(layer+1) of the teacher layer it was copied from (the config cannot express per-layer scales)."
+        )
     first_param = next(teacher.parameters())
     student = type(teacher)._from_config(config, dtype=first_param.dtype).to(first_param.device)
 

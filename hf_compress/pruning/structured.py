@@ -444,6 +444,8 @@ def structured_prune_(
             kept = nn.ModuleList([structure.layers[i] for i in keep_layers])
             setattr(structure.parent, structure.attr, kept)
             renumber_layers_(kept)
+            if getattr(model_config, "scale_attn_by_inverse_layer_idx", False):
+                logger.warning("scale_attn_by_inverse_layer_idx=True: kept layers are rescaled by their new index")
             subset_per_layer_config_(model_config, keep_layers, num_layers)
 
     params_after = count_parameters(model)[0]
