@@ -39,7 +39,9 @@ def build(task: str, device: str):
         student = BertForSequenceClassification(BertConfig(num_hidden_layers=3, **cfg))
         labels = lambda ids: torch.randint(0, 2, (ids.shape[0],))  # noqa: E731
     else:
-        cfg = dict(vocab_size=8000, hidden_size=384, num_attention_heads=6, num_key_value_heads=2, intermediate_size=1024)
+        cfg = dict(
+            vocab_size=8000, hidden_size=384, num_attention_heads=6, num_key_value_heads=2, intermediate_size=1024
+        )
         teacher = LlamaForCausalLM(LlamaConfig(num_hidden_layers=6, **cfg))
         student = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, **cfg))
         labels = lambda ids: ids.clone()  # noqa: E731
@@ -120,14 +122,18 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     tasks = ["classification", "causal-lm"] if args.task == "both" else [args.task]
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"device {args.device}, batch {args.batch_size}x{args.seq}, {args.rounds} rounds (medians)")
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"device {args.device}, batch {args.batch_size}x{args.seq}, {args.rounds} rounds (medians)"
+    )
     print("| task | distill step (ms) | student step (ms) | teacher fwd (ms) | ratio (goal <= 1.05) |")
     print("|---|---|---|---|---|")
     for task in tasks:
         r = run(task, args.rounds, args.warmup, args.batch_size, args.seq, args.device)
-        print(f"| {task} | {r['distill_step_ms']:.1f} | {r['student_step_ms']:.1f} | {r['teacher_forward_ms']:.1f} | "
-              f"{r['ratio']:.3f} |")
+        print(
+            f"| {task} | {r['distill_step_ms']:.1f} | {r['student_step_ms']:.1f} | {r['teacher_forward_ms']:.1f} | "
+            f"{r['ratio']:.3f} |"
+        )
 
 
 if __name__ == "__main__":
