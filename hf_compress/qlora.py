@@ -271,8 +271,8 @@ def prepare_qlora(
     """Wrap a model the caller already loaded (4-bit, 8-bit or 16/32-bit) with LoRA adapters, ready for Trainer.
 
     For a k-bit model this runs PEFT's `prepare_model_for_kbit_training` (freezes the base, upcasts the
-    non-quantized parameters to fp32, enables non-reentrant gradient checkpointing). A 16/32-bit model only gets
-    gradient checkpointing, so 16-bit LoRA stays 16-bit.
+    non-quantized parameters to fp32); a 16/32-bit model is left in its dtype, so 16-bit LoRA stays 16-bit. Both get
+    non-reentrant gradient checkpointing (`use_reentrant=False`).
 
     Args:
         model (`PreTrainedModel`): the loaded model.
@@ -322,12 +322,13 @@ def prepare_qlora(
     if loftq and not getattr(model, "is_loaded_in_4bit", False):
         raise ValueError("loftq=True needs a model loaded in 4-bit: LoftQ fits the adapters to the 4-bit error.")
 
-    gc_kwargs = {"use_reentrant": False}
     if kbit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
-        )
-    elif gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        # freeze the base and upcast its non-quantized parameters to fp32; checkpointing is enabled below instead,
+        # because PEFT calls the deprecated `gradient_checkpointing_enable` and, for reentrant checkpoints only,
+        # needs an input-grad hook that non-reentrant checkpoints do without.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        gc_kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
         else:

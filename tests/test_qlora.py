@@ -132,7 +132,11 @@ def test_load_qlora_causal_lm_structure(trained_llama):
     assert model.peft_config["default"].lora_alpha == 16  # default 2 * r
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
-    assert base.is_gradient_checkpointing
+    assert getattr(base, "is_activation_checkpointing", False) or base.is_gradient_checkpointing
+    checkpoint_fns = [
+        m._gradient_checkpointing_func for m in base.modules() if hasattr(m, "_gradient_checkpointing_func")
+    ]
+    assert checkpoint_fns and all(f.keywords.get("use_reentrant") is False for f in checkpoint_fns)
     assert base.config.use_cache is False
 
 
@@ -367,3 +371,58 @@ def test_qlora_student_learns_from_4bit_teacher(llama_dir, tmp_path):
     for name, weight in _quantized_state(teacher).items():
         assert torch.equal(weight, teacher_before[name]), name
     assert all("lora_" in n for n, p in student.named_parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP: each rank loads its own 4-bit copy, gradients of the adapters are all-reduced
+# ---------------------------------------------------------------------------------------------------------------
+_DDP_SCRIPT = """
+import json, os, sys
+import torch
+sys.path.insert(0, {tests!r})
+from tiny_models import lm_dataset
+from transformers import Trainer, TrainingArguments
+from hf_compress import load_qlora_model
+
+model = load_qlora_model({base!r}, lora_r=4, lora_dropout=0.0)
+args = TrainingArguments(output_dir={out!r}, max_steps=3, learning_rate=3e-2, per_device_train_batch_size=4,
+                         report_to="none", use_cpu=True, save_strategy="no", ddp_backend="gloo", disable_tqdm=True,
+                         seed=int(os.environ["RANK"]))  # different seeds: only DDP keeps the ranks equal
+trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(n=32, seq=16))
+trainer.train()
+device = str(next(p for p in model.parameters() if p.requires_grad).device)
+state = {{n: p.detach().double().sum().item() for n, p in model.named_parameters() if p.requires_grad}}
+with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
+    json.dump({{"world": trainer.args.world_size, "device": device, "state": state}}, f)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_qlora_under_torchrun_ddp(llama_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_qlora.py"
+    script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(__file__), base=str(llama_dir), out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        str(script),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and r["device"] == "cpu" for r in ranks)
+    assert ranks[0]["state"].keys() == ranks[1]["state"].keys()
+    for name, value in ranks[0]["state"].items():
+        assert value == pytest.approx(ranks[1]["state"][name], rel=1e-6, abs=1e-9), name
+    assert any(abs(v) > 0 for n, v in ranks[0]["state"].items() if "lora_B" in n)  # trained
