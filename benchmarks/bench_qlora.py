@@ -8,6 +8,9 @@ so load from other processes hits both variants alike.
 
     python benchmarks/bench_qlora.py                  # Llama-shaped, hidden 256, 4 layers, on CPU
     python benchmarks/bench_qlora.py --hidden 512 --layers 8 --repeats 7
+
+On a CPU shared with other jobs, set OMP_NUM_THREADS=1: with more threads than free cores, OpenMP oversubscription
+made every step about 10x slower here and drowned the difference between the variants in noise.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def step_fn(model, batch):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
     return step
 
