@@ -57,13 +57,13 @@ class DemoConfig:
     max_examples: int | None = field(default=None, metadata={"help": "Use a seeded sample of at most N examples."})
     seed: int = field(default=42, metadata={"help": "Seed of the split, initialisation and training."})
     vocab_size: int = field(default=1024, metadata={"help": "Vocabulary of the tokenizer trained offline."})
-    max_length: int = field(default=64, metadata={"help": "Tokens per example (longer URLs are truncated)."})
+    max_length: int = field(default=48, metadata={"help": "Tokens per example (longer URLs are truncated)."})
     teacher_hidden_size: int = field(default=128, metadata={"help": "Hidden size of the teacher trained offline."})
     teacher_layers: int = field(default=6, metadata={"help": "Layers of the teacher trained offline."})
     teacher_heads: int = field(default=4, metadata={"help": "Attention heads of the teacher trained offline."})
     teacher_intermediate_size: int = field(default=512, metadata={"help": "FFN width of the teacher trained offline."})
     teacher_epochs: float = field(default=2.0, metadata={"help": "Epochs of teacher training (0: use as given)."})
-    teacher_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of teacher training."})
+    teacher_learning_rate: float = field(default=5e-4, metadata={"help": "Learning rate of teacher training."})
     student_layers: int | None = field(
         default=None, metadata={"help": "Student layers (taken evenly from the teacher); default: a third."}
     )
@@ -263,7 +263,6 @@ def _training_args(cls, config: DemoConfig, output_dir: Path, epochs: float, lr:
         logging_steps=50,
         report_to="none",
         seed=config.seed,
-        train_sampling_strategy="group_by_length",
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         **kwargs,

@@ -153,3 +153,22 @@ def tiny_qwen2(
         **kw,
     )
     return Qwen2ForCausalLM(cfg)
+
+
+def save_tiny_url_teacher(folder, layers: int = 2, hidden: int = 32, heads: int = 4, num_urls: int = 400, seed: int = 0):
+    """A tiny BERT URL classifier + WordPiece tokenizer trained on the embedded phishing URLs, saved to `folder`."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_compress.data import load_phishing_dataset, train_url_tokenizer
+
+    data = load_phishing_dataset(max_examples=num_urls, seed=seed)
+    tokenizer = train_url_tokenizer(data["train"]["text"], vocab_size=128, model_max_length=32)
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=hidden * 2, max_position_embeddings=32, num_labels=2, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
