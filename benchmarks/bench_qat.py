@@ -122,6 +122,7 @@ def main():
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--eval-windows", type=int, default=256)
     parser.add_argument("--timing-repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; figures are not meaningful")
     args = parser.parse_args()
     if args.quick:
@@ -129,6 +130,7 @@ def main():
     if not DATA.is_dir():
         raise SystemExit(f"WikiText-2 not found at {DATA.resolve()}")
     hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.time()
 

@@ -93,7 +93,7 @@ def offline_setup(args):
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(tokenizer.get_vocab().values()) + 1,
         hidden_size=128,
         intermediate_size=384,
         num_hidden_layers=2,
