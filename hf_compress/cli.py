@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         "it, only size figures are reported.",
     )
     report.add_argument("--split", default="test", help="Split of --dataset to evaluate on.")
-    report.add_argument("--max_length", "--max-length", type=int, default=128, help="Tokens per example.")
+    report.add_argument(
+        "--max_length", "--max-length", type=int, default=None, help="Tokens per example (default: the tokenizer's)."
+    )
     report.add_argument("--batch_size", "--batch-size", type=int, default=32, help="Evaluation batch size.")
     report.add_argument("--max_eval_batches", "--max-eval-batches", type=int, default=None, help="Batches at most.")
     report.add_argument("--latency_batches", "--latency-batches", type=int, default=10, help="Timed batches.")
@@ -143,13 +145,14 @@ def _report_command(ns: argparse.Namespace) -> int:
     names = ns.names or [str(p).rstrip("/").split("/")[-1] for p in ns.models]
     if len(names) != len(ns.models):
         raise SystemExit(f"hf-compress report: --names gives {len(names)} names for {len(ns.models)} models.")
-    eval_dataset = tokenizer = None
+    eval_dataset = tokenizer = max_length = None
     if ns.dataset is not None:
         from .data import load_phishing_dataset
 
         data = load_phishing_dataset(None if ns.dataset == "phishing" else ns.dataset)
         eval_dataset = data[ns.split]
         tokenizer = AutoTokenizer.from_pretrained(ns.models[0])
+        max_length = ns.max_length or min(tokenizer.model_max_length, 512)
     report = compression_report(
         dict(zip(names, ns.models)),
         eval_dataset=eval_dataset,
@@ -158,7 +161,7 @@ def _report_command(ns: argparse.Namespace) -> int:
         max_eval_batches=ns.max_eval_batches,
         latency_batches=ns.latency_batches,
         warmup=ns.warmup,
-        max_length=ns.max_length,
+        max_length=max_length,
     )
     print(report.to_markdown())
     if ns.json:
