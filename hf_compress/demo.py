@@ -57,7 +57,10 @@ class DemoConfig:
     max_examples: int | None = field(default=None, metadata={"help": "Use a seeded sample of at most N examples."})
     seed: int = field(default=42, metadata={"help": "Seed of the split, initialisation and training."})
     vocab_size: int = field(default=1024, metadata={"help": "Vocabulary of the tokenizer trained offline."})
-    max_length: int = field(default=48, metadata={"help": "Tokens per example (longer URLs are truncated)."})
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per example (longer URLs are truncated); default 48 offline, 128 with --teacher."},
+    )
     teacher_hidden_size: int = field(default=128, metadata={"help": "Hidden size of the teacher trained offline."})
     teacher_layers: int = field(default=6, metadata={"help": "Layers of the teacher trained offline."})
     teacher_heads: int = field(default=4, metadata={"help": "Attention heads of the teacher trained offline."})
@@ -99,6 +102,8 @@ class DemoConfig:
     )
 
     def __post_init__(self):
+        if self.max_length is None:
+            self.max_length = 128 if self.teacher is not None else 48
         for name in ("vocab_size", "max_length", "teacher_hidden_size", "teacher_layers", "teacher_heads"):
             _positive_int(name, getattr(self, name))
         for name in ("teacher_intermediate_size", "batch_size", "eval_batch_size"):

@@ -191,6 +191,13 @@ class CompressionReport:
         for x, y, row in zip(xs, ys, self.rows):
             ax.annotate(row.name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
         ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.margins(x=0.15, y=0.2)
         ax.set_xlabel("size on disk (MB, log scale)")
         ax.set_ylabel(ylabel)
         ax.set_title(title or "Model size vs quality")
