@@ -4,7 +4,7 @@ Protocol (torchao's QAT comparison, scaled down to a CPU):
 1. pre-train a small Llama (config only, byte-level vocabulary: no download) in full precision: the "base model";
 2. from the base model, fine-tune for the same number of steps, same data order, twice:
    a. in full precision -> perplexity `fp`; quantized afterwards (PTQ, same torchao int4 config) -> `ptq`;
-   b. with `QATCallback` (fake quantization from step 0) -> the quantized model it saves -> `qat`;
+   b. with `QATCallback` (fake quantization from `--start-step`, default 0) -> the quantized model it saves -> `qat`;
 3. recovery = (ptq - qat) / (ptq - fp): the share of the PTQ perplexity increase that QAT removes;
 4. step-time overhead of QAT: plain and fake-quantized training steps timed interleaved, median of repeats.
 
@@ -118,6 +118,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--start-step", type=int, default=0, help="QAT: full-precision steps before fake quantization")
     parser.add_argument("--pretrain-lr", type=float, default=3e-3)
     parser.add_argument("--finetune-lr", type=float, default=5e-4)
     parser.add_argument("--eval-windows", type=int, default=256)
@@ -198,7 +199,7 @@ def main():
         # 2b. QAT fine-tune from the same base, same steps and data order; evaluate the saved quantized model
         qat_model = copy.deepcopy(base)
         ft = train_args(str(tmp / "qat"), args.finetune_steps, args.finetune_lr, args.batch_size)
-        qat_cb = QATCallback(scheme=args.scheme, group_size=args.group_size, start_step=0)
+        qat_cb = QATCallback(scheme=args.scheme, group_size=args.group_size, start_step=args.start_step)
         Trainer(
             model=qat_model, args=TrainingArguments(**ft), train_dataset=ft_data, callbacks=[qat_cb, timer("qat")]
         ).train()
@@ -215,7 +216,9 @@ def main():
     degradation = ppl_ptq - ppl_fp
     recovery = (ppl_ptq - ppl_qat) / degradation if degradation > 0 else float("nan")
     overhead = medians["qat"] / medians["plain"]
-    trainer_overhead = statistics.median(step_times["qat"][2:]) / statistics.median(step_times["plain"][2:])
+    trainer_overhead = statistics.median(step_times["qat"][args.start_step + 2 :]) / statistics.median(
+        step_times["plain"][2:]
+    )
     print()
     print(f"{'model':<44}{'perplexity (per byte)':>22}")
     print(f"{'base (pre-trained)':<44}{ppl_base:>22.4f}")
