@@ -173,8 +173,19 @@ def _report_command(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-compress` console script."""
+    from .demo import UnavailableError
+    from .recipes import RecipeError
+
     parser = build_parser()
     ns = parser.parse_args(list(argv) if argv is not None else None)
+    try:
+        return _dispatch(ns)
+    except (RecipeError, UnavailableError, FileExistsError, FileNotFoundError) as err:
+        # Mistakes in what was asked for: one clear line and exit status 2, no traceback.
+        parser.exit(2, f"hf-compress {ns.command}: error: {err}\n")
+
+
+def _dispatch(ns: argparse.Namespace) -> int:
     if ns.command == "run":
         from .recipes import run_recipe
 

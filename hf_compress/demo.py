@@ -25,6 +25,11 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+
+class UnavailableError(RuntimeError):
+    """A model or dataset named on the command line could not be loaded (no network, wrong name)."""
+
+
 STAGE_DIRS = {"teacher": "1_teacher", "student": "2_student", "pruned": "3_pruned", "quantized": "4_quantized"}
 
 
@@ -192,7 +197,7 @@ def load_demo_data(config: DemoConfig):
     try:
         raw = load_dataset(config.dataset)
     except Exception as err:  # offline errors come as ConnectionError, OSError, HF hub errors, ...
-        raise RuntimeError(
+        raise UnavailableError(
             f"dataset={config.dataset!r} could not be loaded from the Hugging Face Hub ({type(err).__name__}: {err}). "
             "Without network access, leave out --dataset to use the phishing URL data embedded in hf_compress."
         ) from err
@@ -231,7 +236,7 @@ def _load_teacher_from_hub(config: DemoConfig, num_labels: int):
         tokenizer = AutoTokenizer.from_pretrained(config.teacher)
         teacher = AutoModelForSequenceClassification.from_pretrained(config.teacher, num_labels=num_labels)
     except OSError as err:
-        raise RuntimeError(
+        raise UnavailableError(
             f"teacher={config.teacher!r} could not be loaded ({err}). It must be a local model folder or a Hugging "
             "Face Hub name reachable over the network; offline, leave out --teacher to train a small BERT teacher "
             "from scratch on the data."
@@ -513,4 +518,12 @@ def _add_to_json(path: Path, extra: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-__all__ = ["DemoConfig", "STAGE_DIRS", "build_teacher", "load_demo_data", "prepare_output_dir", "run_demo"]
+__all__ = [
+    "DemoConfig",
+    "STAGE_DIRS",
+    "UnavailableError",
+    "build_teacher",
+    "load_demo_data",
+    "prepare_output_dir",
+    "run_demo",
+]

@@ -443,7 +443,9 @@ def _load_data(recipe: Recipe, tokenizer):
         try:
             data = load_dataset(spec["hub"])
         except Exception as err:
-            raise RuntimeError(
+            from .demo import UnavailableError
+
+            raise UnavailableError(
                 f"dataset.hub={spec['hub']!r} could not be loaded ({type(err).__name__}: {err})."
             ) from err
         if spec.get("max_examples"):

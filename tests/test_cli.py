@@ -74,8 +74,7 @@ def test_run_and_report_end_to_end(tmp_path, capsys):
     assert rows[2]["parameters"] < rows[1]["parameters"] < rows[0]["parameters"]
 
     # without --overwrite the existing stage folders are kept
-    with pytest.raises(FileExistsError):
-        main(["run", str(path), "--output-dir", str(out)])
+    assert "overwrite" in _error(["run", str(path), "--output-dir", str(out)], capsys)
     assert main(["run", str(path), "--output-dir", str(out), "--overwrite"]) == 0
     capsys.readouterr()
 
@@ -93,18 +92,29 @@ def test_run_and_report_end_to_end(tmp_path, capsys):
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_demo_with_hub_dataset_fails_clearly_offline(tmp_path, monkeypatch):
+def _error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_demo_with_hub_names_fails_clearly_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="could not be loaded from the Hugging Face Hub.*leave out --dataset"):
-        main(["demo", "--output_dir", str(tmp_path / "d"), "--dataset", "shawhin/phishing-site-classification"])
+    err = _error(
+        ["demo", "--output_dir", str(tmp_path / "d"), "--dataset", "shawhin/phishing-site-classification"], capsys
+    )
+    assert "could not be loaded from the Hugging Face Hub" in err and "leave out --dataset" in err
+    err = _error(["demo", "--output_dir", str(tmp_path / "e"), "--teacher", "google-bert/bert-base-uncased"], capsys)
+    assert "teacher='google-bert/bert-base-uncased' could not be loaded" in err and "leave out --teacher" in err
 
 
-def test_demo_refuses_existing_output_and_bad_values(tmp_path):
+def test_demo_refuses_existing_output_and_bad_values(tmp_path, capsys):
     (tmp_path / "d" / "1_teacher").mkdir(parents=True)
     (tmp_path / "d" / "1_teacher" / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        main(["demo", "--output_dir", str(tmp_path / "d")])
+    assert "--overwrite" in _error(["demo", "--output_dir", str(tmp_path / "d")], capsys)
+    assert (tmp_path / "d" / "1_teacher" / "model.safetensors").read_bytes() == b"x"
     with pytest.raises(ValueError, match="ffn_pruning_ratio"):
         main(["demo", "--output_dir", str(tmp_path / "e"), "--ffn_pruning_ratio", "1.5"])
     assert not (tmp_path / "e").exists()
