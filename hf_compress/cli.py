@@ -53,7 +53,7 @@ def _recipe_epilog() -> str:
         "pruning is one-shot); distill_from_teacher: true|false",
         "  structured_prune: config: StructuredPruningConfig fields; args (optional fine-tune); distill_from_teacher",
         "  quantize: config: quantize_model arguments (method, compute_dtype, double_quant, llm_int8_threshold, "
-        "group_size, skip_modules)",
+        "group_size, skip_modules); storage_dtype: float32|bfloat16|float16 for the weights left unquantized",
         "  qat:      config: QATCallback arguments (scheme, group_size, start_step, target_modules, exclude_modules); "
         "args (required); distill_from_teacher",
         "  args: any TrainingArguments field (num_train_epochs, learning_rate, per_device_train_batch_size, ...),",

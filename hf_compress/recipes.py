@@ -50,7 +50,7 @@ _STAGE_KEYS = {
     "distill": {"student", "args"},
     "prune": {"config", "args", "distill_from_teacher"},
     "structured_prune": {"config", "args", "distill_from_teacher"},
-    "quantize": {"config"},
+    "quantize": {"config", "storage_dtype"},
     "qat": {"config", "args", "distill_from_teacher"},
 }
 _TOP_LEVEL_KEYS = {"model", "teacher", "tokenizer", "dataset", "output_dir", "overwrite", "report", "stages"}
@@ -187,6 +187,7 @@ class Stage:
     config: dict[str, Any] = field(default_factory=dict)
     args: dict[str, Any] | None = None
     distill_from_teacher: bool = False
+    storage_dtype: str | None = None
 
     @property
     def label(self) -> str:
@@ -386,7 +387,13 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any], **overrides: Any)
             config=dict(raw.get("config") or {}),
             args=dict(raw["args"]) if raw.get("args") is not None else None,
             distill_from_teacher=raw.get("distill_from_teacher", False),
+            storage_dtype=raw.get("storage_dtype"),
         )
+        if stage.storage_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise RecipeError(
+                f"{stage.label}: field 'storage_dtype'={stage.storage_dtype!r}; allowed: float32, bfloat16, float16 "
+                "(dtype of the weights the quantization leaves unquantized: embeddings, norms, skipped layers)."
+            )
         if not isinstance(stage.distill_from_teacher, bool):
             raise RecipeError(f"{stage.label}: field 'distill_from_teacher' must be true or false.")
         for section in ("student", "config", "args"):
@@ -572,8 +579,13 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
         elif stage.type == "quantize":
             from .quantization import quantize_model
 
+            source = model
+            if stage.storage_dtype is not None:
+                import copy
+
+                source = copy.deepcopy(model).to(getattr(torch, stage.storage_dtype))
             result = quantize_model(
-                model, output_dir=folder, processing_class=tokenizer, overwrite=True, **stage.config
+                source, output_dir=folder, processing_class=tokenizer, overwrite=True, **stage.config
             )
             methods.append(f"post-training quantization ({_describe(stage.config) or 'nf4'})")
         elif stage.type == "qat":

@@ -90,6 +90,7 @@ def test_two_stage_recipe_distill_then_prune(teacher_dir, tmp_path):
         ([{"type": "quantize", "config": {"method": "nf3"}}], r"stage 0 .*field 'config': method='nf3'"),
         ([{"type": "distill", "epochs": 2}], r"stage 0 .*unknown field 'epochs'"),
         ([{"type": "quantize"}, {"type": "prune"}], r"stage 1 .*quantization must be the last stage"),
+        ([{"type": "quantize", "storage_dtype": "int3"}], r"stage 0 .*field 'storage_dtype'='int3'"),
         ([{"type": "prune", "distill_from_teacher": True, "args": {}}], r"stage 0 .*needs a teacher"),
     ],
 )
