@@ -144,7 +144,9 @@ class DemoConfig:
 def _set_threads(num_threads: int | None) -> None:
     # Measured here (torch 2.13, 2 cores): a training step of the demo's teacher took 0.34 s with 1 thread and 2.5 s
     # with 2 threads while other processes used the cores, because OpenMP threads spin-wait for a descheduled peer.
-    # The demo's matrices are small, so a second thread gains little even on an idle machine: on machines of up to 2
+    # The same happened to the distillation stage with 2 threads (8 steps/s idle, 0.4 steps/s next to one busy process).
+    # Idle, 2 threads were about 1.8x faster than 1 (teacher: 64 s vs 118 s), but a shared machine is the common case
+    # for a demo; so on machines of up to 2
     # cores, or when the load average reaches the core count, one thread is used unless --num_threads says otherwise.
     if num_threads is None and not torch.cuda.is_available():
         cores = os.cpu_count() or 1
