@@ -145,9 +145,9 @@ def _set_threads(num_threads: int | None) -> None:
     # Measured here (torch 2.13, 2 cores): a training step of the demo's teacher took 0.34 s with 1 thread and 2.5 s
     # with 2 threads while other processes used the cores, because OpenMP threads spin-wait for a descheduled peer.
     # The same happened to the distillation stage with 2 threads (8 steps/s idle, 0.4 steps/s next to one busy process).
-    # Idle, 2 threads were about 1.8x faster than 1 (teacher: 64 s vs 118 s), but a shared machine is the common case
-    # for a demo; so on machines of up to 2
-    # cores, or when the load average reaches the core count, one thread is used unless --num_threads says otherwise.
+    # On a nearly idle machine 2 threads are faster (teacher stage: 64 s, against 118 s with 1 thread next to one
+    # other busy process), but a shared machine is the common case for a demo: on machines of up to 2 cores, or
+    # when the load average reaches the core count, one thread is used unless --num_threads says otherwise.
     if num_threads is None and not torch.cuda.is_available():
         cores = os.cpu_count() or 1
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
