@@ -65,5 +65,5 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .distillation.config import DistillationConfig
-    from .distillation.trainer import DistillationTrainer
+    from .distillation.config import DistillationConfig  # noqa: F401
+    from .distillation.trainer import DistillationTrainer  # noqa: F401

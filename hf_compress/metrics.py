@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ def _offline() -> bool:
     return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_evaluate_metric(name: str):
     """The `evaluate` metric, or None when it cannot be loaded (offline, no cache)."""
     if _offline():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from functools import lru_cache
+from functools import cache
 
 _INSTALL_HINTS = {
     "bitsandbytes": "pip install 'bitsandbytes>=0.45'",
@@ -16,7 +16,7 @@ _INSTALL_HINTS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _is_available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
