@@ -22,7 +22,9 @@ CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1")
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE"))
+    return any(
+        os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_EVALUATE_OFFLINE")
+    )
 
 
 @cache
@@ -144,7 +146,10 @@ def compute_perplexity(model: torch.nn.Module, batches: Iterable[dict[str, torch
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
         nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
         )
         total_nll += float(nll)
         total_tokens += int((shift_labels != -100).sum())

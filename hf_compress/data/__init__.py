@@ -72,7 +72,9 @@ def load_phishing_dataset(
         for r in rows:
             by_label[r[1]].append(r)
         per_label = max_examples // len(by_label)
-        rows = [r for label in sorted(by_label) for r in rng.sample(by_label[label], min(per_label, len(by_label[label])))]
+        rows = [
+            r for label in sorted(by_label) for r in rng.sample(by_label[label], min(per_label, len(by_label[label])))
+        ]
 
     # Stratified split over groups (hosts, or single URLs): each class is split on its own so both classes keep
     # their share in every split; a host seen in both classes is assigned by its majority class.

@@ -174,7 +174,10 @@ class DistillationTrainer(Trainer):
         self._layer_mapping: list[int] | None = None
         if args.hidden_loss_weight > 0:
             self._setup_hidden_distillation(model, teacher_model)
-        self._loss_parts: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._loss_parts: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
 
     # ------------------------------------------------------------------ setup
     def _load_teacher(self, name_or_path: str, init_kwargs: dict[str, Any]) -> PreTrainedModel:
