@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import zlib
 from pathlib import Path
 
@@ -167,9 +166,7 @@ class MaskConsistencyCallback(TrainerCallback):
         from hf_compress.utils import unwrap_model
 
         masks = self.pruning.masks
-        base = unwrap_model(model)
-        get_base = getattr(base, "get_base_model", None)
-        base = get_base() if callable(get_base) else base
+        base = unwrap_model(model)  # mask names are relative to it (a PeftModel keeps its `base_model.model.` prefix)
         violations, weight_crc = 0, 0
         for name in sorted(masks):
             # The live module (QAT may have swapped it for a FakeQuantizedLinear sharing the same weight).
@@ -214,7 +211,12 @@ def parse_args(argv=None):
     p.add_argument("--max_steps", type=int, default=None, help="default: 8 with --tiny, 60 otherwise")
     p.add_argument("--batch_size", type=int, default=None, help="per device; default 4 (tiny) / 8")
     p.add_argument("--seq_len", type=int, default=None, help="default 16 (tiny) / 256")
-    p.add_argument("--learning_rate", type=float, default=None, help="default 1e-2 (tiny) / 3e-4 (1e-3 with --peft)")
+    p.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="default 1e-2 (tiny; 3e-2 with --peft) / 3e-4 (1e-3 with --peft)",
+    )
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--qat_scheme", default="int8-dynamic-activation-int4-weight")
     p.add_argument("--qat_group_size", type=int, default=32)
@@ -228,7 +230,9 @@ def parse_args(argv=None):
     args.max_steps = args.max_steps or (8 if tiny else 60)
     args.batch_size = args.batch_size or (4 if tiny else 8)
     args.seq_len = args.seq_len or (16 if tiny else 256)
-    args.learning_rate = args.learning_rate or (1e-2 if tiny else (1e-3 if args.peft else 3e-4))
+    args.learning_rate = args.learning_rate or (
+        (3e-2 if args.peft else 1e-2) if tiny else (1e-3 if args.peft else 3e-4)
+    )
     if args.qat_start_step is None:
         args.qat_start_step = args.max_steps // 2
     return args
@@ -277,11 +281,12 @@ def main(argv=None):
         prune_(student, prune_config)
         if rank == 0:
             student.save_pretrained(base_dir)
-        student.config._name_or_path = str(base_dir)
         student = get_peft_model(
             student,
             LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]),
         )
+        # adapter_config.json must name the pruned base for from_pretrained to find it
+        student.peft_config["default"].base_model_name_or_path = str(base_dir.resolve())
 
     training_args = DistillationConfig(
         output_dir=str(out / "run"),
@@ -338,6 +343,13 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()
 
     trainer.train()
+    from hf_compress.quantization.qat import convert_qat_, fake_quantized_module_names
+
+    left_fake_quantized = len(fake_quantized_module_names(trainer.model))
+    if left_fake_quantized:
+        # QATCallback(save_quantized=False) returns from on_train_end before removing fake quantization (its
+        # docstring says it is removed): remove it here so the model matches what save_model writes.
+        convert_qat_(trainer.model)
     if cuda:
         memory["cuda_max_allocated_train"] = torch.cuda.max_memory_allocated()
     memory_all = gather(memory)
@@ -403,6 +415,7 @@ def main(argv=None):
             "loss_decreased": loss_last < loss_first,
             "qat_inserted_at": qat.fake_quant_inserted_at,
             "qat_layers": len(qat.fake_quantized_modules),
+            "fake_quantized_layers_left_after_train": left_fake_quantized,
             "mask_checks": mask_check.records,
             "masks_identical_every_step": bool(mask_check.records)
             and all(r["masks_identical"] and not any(r["violations"]) for r in mask_check.records),
