@@ -48,11 +48,11 @@ def build(task: str, device: str):
     return teacher.to(device), student.to(device), labels
 
 
-def batches(n: int, batch_size: int, seq: int, labels, device: str):
+def batches(n: int, batch_size: int, seq: int, labels, device: str, vocab_size: int = 8000):
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(n):
-        ids = torch.randint(5, 8000, (batch_size, seq), generator=g)
+        ids = torch.randint(5, vocab_size, (batch_size, seq), generator=g)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels(ids)})
     return out
 
@@ -62,10 +62,30 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def run(task: str, rounds: int, warmup: int, batch_size: int, seq: int, device: str) -> dict:
-    teacher, student, labels = build(task, device)
+def run(
+    task: str,
+    rounds: int,
+    warmup: int,
+    batch_size: int,
+    seq: int,
+    device: str,
+    *,
+    models: tuple | None = None,
+    bf16: bool = False,
+    vocab_size: int = 8000,
+) -> dict:
+    """`models=(teacher, student, labels_fn)` replaces the built-in pair (e.g. a bf16 or 4-bit teacher on a GPU);
+    `bf16=True` trains both students under bf16 autocast, as `TrainingArguments(bf16=True)` does."""
+    teacher, student, labels = models if models is not None else build(task, device)
     plain_student = copy.deepcopy(student)
-    common = dict(report_to="none", use_cpu=device == "cpu", save_strategy="no", learning_rate=1e-5, disable_tqdm=True)
+    common = dict(
+        report_to="none",
+        use_cpu=device == "cpu",
+        save_strategy="no",
+        learning_rate=1e-5,
+        disable_tqdm=True,
+        bf16=bf16,
+    )
     distill = DistillationTrainer(
         model=student, teacher_model=teacher, args=DistillationConfig(output_dir="/tmp/bench_d", **common)
     )
@@ -73,7 +93,7 @@ def run(task: str, rounds: int, warmup: int, batch_size: int, seq: int, device: 
     for t in (distill, plain):
         t.create_optimizer_and_scheduler(num_training_steps=rounds + warmup)
         t.current_gradient_accumulation_steps = 1  # normally set by the training loop
-    data = batches(4, batch_size, seq, labels, device)
+    data = batches(4, batch_size, seq, labels, device, vocab_size)
     teacher.eval()
 
     def step_distill(b):
@@ -86,8 +106,8 @@ def run(task: str, rounds: int, warmup: int, batch_size: int, seq: int, device: 
         plain.optimizer.step()
         plain.optimizer.zero_grad()
 
-    def teacher_forward(b):
-        with torch.no_grad():
+    def teacher_forward(b):  # as DistillationTrainer runs it: under the trainer's autocast, no grad
+        with torch.no_grad(), distill.autocast_smart_context_manager():
             teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
 
     times: dict[str, list[float]] = {"distill": [], "plain": [], "teacher": []}
