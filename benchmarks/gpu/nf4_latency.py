@@ -90,7 +90,7 @@ def main():
             for length in (seq, 1):
                 ids = torch.randint(0, spec["vocab_size"], (b, length), generator=g).to(device)
                 logits = {n: m(input_ids=ids).logits.float() for n, m in models.items()}
-                fns = {n: (lambda m=m: m(input_ids=ids)) for n, m in models.items()}
+                fns = {n: (lambda m=m, ids=ids: m(input_ids=ids)) for n, m in models.items()}
                 t = interleaved_medians(fns, rounds=rounds, warmup=warmup)
                 entry = {"batch": b, "seq_len": length, "ms": {n: t[n] * 1e3 for n in names}}
                 entry["slowdown_vs_" + reference] = {n: t[n] / t[reference] for n in names}

@@ -69,7 +69,7 @@ def bench_linear(rows_list: list[int], in_features: int, out_features: int, roun
             x = torch.rand(rows, in_features, dtype=torch.float16, device="cuda")
             diff = (dense[0](x) - sparse[0](x)).abs().max().item()
             t = interleaved_medians(
-                {"dense": lambda: dense[0](x), "sparse": lambda: sparse[0](x)}, rounds=rounds, warmup=warmup
+                {"dense": lambda x=x: dense[0](x), "sparse": lambda x=x: sparse[0](x)}, rounds=rounds, warmup=warmup
             )
             results.append(
                 {
@@ -142,7 +142,7 @@ def bench_model(spec: dict, batches: list[int], seq: int, rounds: int, warmup: i
             agree = (d_logits.argmax(-1) == s_logits.argmax(-1)).float().mean().item()
             del d_logits, s_logits
             t = interleaved_medians(
-                {"dense": lambda: dense(input_ids=ids), "sparse": lambda: sparse(input_ids=ids)},
+                {"dense": lambda ids=ids: dense(input_ids=ids), "sparse": lambda ids=ids: sparse(input_ids=ids)},
                 rounds=rounds,
                 warmup=warmup,
             )
@@ -190,7 +190,13 @@ def main():
     if linear["rows"]:
         print(
             markdown_table(
-                ["input rows", "dense (ms)", "2:4 sparse (ms)", "speedup (anchor 1.38x at 3072 on A100)", "max |diff|"],
+                [
+                    "input rows",
+                    "dense (ms)",
+                    "2:4 sparse (ms)",
+                    "speedup (anchor 1.38x at 3072 on A100)",
+                    "max |diff|",
+                ],
                 [[r["rows"], r["dense_ms"], r["sparse_ms"], r["speedup"], r["max_abs_diff"]] for r in linear["rows"]],
             )
         )
