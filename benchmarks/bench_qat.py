@@ -20,7 +20,7 @@ Protocol (torchao's QAT comparison, scaled down to a CPU):
 
 Run from the repository root:
 
-    python benchmarks/bench_qat.py            # ~15 min on 2 busy CPU cores the first time, ~8 min with the cache
+    python benchmarks/bench_qat.py            # ~9 min on 2 busy CPU cores the first time, ~5 min with the cache
     python benchmarks/bench_qat.py --quick    # smoke run (~1-2 minutes), figures not meaningful
 """
 
