@@ -217,7 +217,9 @@ def parse_args(argv=None):
         default=None,
         help="default 1e-2 (tiny; 3e-2 with --peft) / 3e-4 (1e-3 with --peft)",
     )
-    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (ignored with --pattern N:M)")
+    p.add_argument("--pattern", default="unstructured", help="'unstructured' or 'N:M' such as '2:4'")
+    p.add_argument("--no_qat", action="store_true", help="leave QATCallback out (to isolate a failure)")
     p.add_argument("--qat_scheme", default="int8-dynamic-activation-int4-weight")
     p.add_argument("--qat_group_size", type=int, default=32)
     p.add_argument("--qat_start_step", type=int, default=None, help="default: max_steps // 2")
@@ -265,7 +267,8 @@ def main(argv=None):
     teacher_full_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
 
     prune_config = PruningConfig(
-        sparsity=args.sparsity,
+        sparsity=None if args.pattern != "unstructured" else args.sparsity,
+        pattern=args.pattern,
         schedule="oneshot" if args.peft else "linear",
         start_step=0,
         end_step=None if args.peft else max(1, args.max_steps // 2),
@@ -314,7 +317,7 @@ def main(argv=None):
         output_dir=str(out / "quantized"),
         overwrite=True,
         # save_qat_model needs a transformers PreTrainedModel; a PEFT model is merged first (not done here).
-        save_quantized=not args.peft,
+        save_quantized=not (args.peft or args.no_qat),
     )
     mask_check = MaskConsistencyCallback(pruning)
     trainer = DistillationTrainer(
@@ -322,7 +325,7 @@ def main(argv=None):
         teacher_model=teacher,
         args=training_args,
         train_dataset=RunDataset(args.batch_size * args.max_steps * 8, args.seq_len, vocab, seed=args.seed),
-        callbacks=[pruning, qat, mask_check],
+        callbacks=[pruning, mask_check] if args.no_qat else [pruning, qat, mask_check],
     )
     world_size = trainer.accelerator.num_processes
     distributed_type = str(trainer.accelerator.distributed_type).split(".")[-1]
@@ -388,8 +391,9 @@ def main(argv=None):
             "tolerance": tolerance,
             "equal": diff <= tolerance,
         }
-        report = sparsity_report(reloaded)
+        report = sparsity_report(reloaded, pattern=None if args.pattern == "unstructured" else args.pattern)
         reload["target_sparsity"] = round(report["target_sparsity"], 6)
+        reload["n_m_compliant"] = report["n_m_compliant"]
         quant = None
         qdir = out / "quantized"
         if qat.save_quantized and qdir.is_dir():
@@ -430,6 +434,8 @@ def main(argv=None):
             failures.append("pruning masks differed between ranks or did not hold")
         if len(mask_check.records) != trainer.state.global_step:
             failures.append(f"masks checked at {len(mask_check.records)} of {trainer.state.global_step} steps")
+        if reload["n_m_compliant"] is False:
+            failures.append(f"reloaded checkpoint is not {args.pattern} sparse")
         if not reload["equal"]:
             failures.append(f"reloaded checkpoint logits differ by {diff:.3g} (tolerance {tolerance:.3g})")
         if quant is not None and not quant["finite"]:
