@@ -1,7 +1,8 @@
 """examples/accelerate/distill_prune_qat.py under `accelerate launch` on 2 CPU processes (DDP with gloo).
 
 `accelerate launch --cpu --num_processes 2` starts a single process, so the launch uses `--multi_gpu` with
-`ACCELERATE_USE_CPU=1`, which gives a 2-process MULTI_CPU run.
+`ACCELERATE_USE_CPU=1`, which gives a 2-process MULTI_CPU run. The second half reproduces, on CPU with torch's
+`fully_shard` and gloo, how the pruning / QAT code meets FSDP2's DTensor weights (accelerate runs FSDP on GPUs only).
 """
 
 from __future__ import annotations
