@@ -118,3 +118,32 @@ def test_bad_arguments_are_named():
         forward_kl_loss(s, torch.randn(2, 5))
     with pytest.raises(ValueError, match="reduction"):
         forward_kl_loss(s, s, reduction="avg")
+
+
+@pytest.mark.parametrize("alpha, chunk", [(0.3, 40), (1.0, 7), (0.5, 1 << 20)])
+def test_fused_forward_kl_and_ce_equals_the_pure_losses_in_value_and_gradient(alpha, chunk):
+    import torch.nn.functional as F
+
+    from hf_compress.distillation.losses import fused_forward_kl_and_cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    s0, t = torch.randn(4, 9, 50, generator=g) * 2, torch.randn(4, 9, 50, generator=g) * 2
+    labels = torch.randint(0, 50, (4, 9), generator=g)
+    labels[0, :3] = -100
+    mask = labels != -100
+    mask[1, -2:] = False
+    s = s0.clone().requires_grad_()
+    ce = F.cross_entropy(s.reshape(-1, 50), labels.masked_fill(~mask, -100).reshape(-1), reduction="sum")
+    kl = forward_kl_loss(s, t, 2.0, mask=mask, reduction="sum")
+    ref = alpha * kl + (1 - alpha) * ce
+    ref.backward()
+    s_fused = s0.clone().requires_grad_()
+    total, kl_sum, ce_sum = fused_forward_kl_and_cross_entropy(
+        s_fused, t, labels if alpha < 1 else None, 2.0, alpha, mask, chunk_elements=chunk
+    )
+    total.backward()
+    assert total.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert kl_sum.item() == pytest.approx(kl.item(), rel=1e-5)
+    if alpha < 1:
+        assert ce_sum.item() == pytest.approx(ce.item(), rel=1e-5)
+    torch.testing.assert_close(s_fused.grad, s.grad, rtol=1e-5, atol=1e-6)

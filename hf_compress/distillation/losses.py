@@ -169,3 +169,93 @@ def hidden_state_loss(
     else:
         raise ValueError(f"hidden_loss_type={loss_type!r} is not supported; allowed: {list(HIDDEN_LOSS_TYPES)}.")
     return _reduce(per_position, mask, reduction)
+
+
+class _FusedForwardKLAndCrossEntropy(torch.autograd.Function):
+    """alpha * forward-KL(T) + (1 - alpha) * cross-entropy, summed over rows, with the gradient computed in forward.
+
+    Written by hand (no library fuses these two): the gradient with respect to the student logits is known in closed
+    form, T * (softmax(s / T) - softmax(t / T)) for the KL times T² and softmax(s) - onehot(y) for the
+    cross-entropy, so each chunk of rows is processed once while it sits in cache, and autograd keeps one buffer of
+    the logits' size instead of every intermediate. This keeps the distillation loss a small cost next to the two
+    forward passes (see benchmarks/bench_distillation.py).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, row_mask, temperature, alpha, chunk_elements):
+        width = student_logits.shape[-1]
+        s_all = student_logits.reshape(-1, width)
+        t_all = teacher_logits.reshape(-1, width)
+        rows = s_all.shape[0]
+        keep = row_mask.reshape(-1) if row_mask is not None else None
+        y_all = labels.reshape(-1) if labels is not None else None
+        grad = torch.empty((rows, width), dtype=torch.float32, device=s_all.device)
+        kl_sum = s_all.new_zeros((), dtype=torch.float32)
+        ce_sum = s_all.new_zeros((), dtype=torch.float32)
+        step = max(1, chunk_elements // max(width, 1))
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            s = s_all[start:end].float()
+            t = t_all[start:end].float()
+            log_ps = torch.log_softmax(s / temperature, dim=-1)
+            log_pt = torch.log_softmax(t / temperature, dim=-1)
+            pt = log_pt.exp()
+            kl_rows = (pt * (log_pt - log_ps)).sum(-1) * temperature**2
+            g = log_ps.exp_().sub_(pt).mul_(alpha * temperature)  # d(alpha * KL * T²)/ds
+            weight = keep[start:end].to(torch.float32) if keep is not None else None
+            if weight is not None:
+                kl_rows = kl_rows * weight
+            kl_sum += kl_rows.sum()
+            if alpha < 1.0:
+                y = y_all[start:end]
+                valid = y != -100
+                if weight is not None:
+                    valid = valid & keep[start:end]
+                log_p1 = torch.log_softmax(s, dim=-1)
+                safe_y = y.clamp_min(0).unsqueeze(-1)
+                ce_rows = -log_p1.gather(-1, safe_y).squeeze(-1) * valid
+                ce_sum += ce_rows.sum()
+                p1 = log_p1.exp_()
+                p1.scatter_add_(-1, safe_y, torch.full_like(safe_y, -1.0, dtype=p1.dtype))
+                g.add_(p1.mul_((1.0 - alpha) * valid.unsqueeze(-1)))
+            if weight is not None:
+                g.mul_(weight.unsqueeze(-1))
+            grad[start:end] = g
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype = student_logits.shape, student_logits.dtype
+        total = alpha * kl_sum + (1.0 - alpha) * ce_sum
+        ctx.mark_non_differentiable(kl_sum, ce_sum)
+        return total, kl_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_kl, _grad_ce):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_total).to(ctx.dtype).view(ctx.shape), None, None, None, None, None, None
+
+
+def fused_forward_kl_and_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    mask: torch.Tensor | None = None,
+    chunk_elements: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(alpha * sum KL*T² + (1 - alpha) * sum CE, sum KL*T², sum CE)` over the kept positions, in one fused pass.
+
+    Equal in value and gradient to `alpha * forward_kl_loss(..., reduction="sum") + (1 - alpha) * cross_entropy(
+    ..., reduction="sum")`; only the first element carries a gradient. Labels equal to -100 are left out of the
+    cross-entropy; `mask` leaves positions out of both parts.
+    """
+    _check_shapes(student_logits, teacher_logits)
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0.")
+    if alpha < 1.0 and labels is None:
+        raise ValueError("labels are needed when alpha < 1 (the cross-entropy part).")
+    if chunk_elements is None:
+        # CPU: chunks that stay in cache; GPU: few, large chunks (each chunk costs kernel launches).
+        chunk_elements = 1 << 18 if student_logits.device.type == "cpu" else 1 << 26
+    return _FusedForwardKLAndCrossEntropy.apply(
+        student_logits, teacher_logits, labels, mask, float(temperature), float(alpha), int(chunk_elements)
+    )

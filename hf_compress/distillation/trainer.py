@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from ..utils.modules import unwrap_model
 from .config import DistillationConfig
-from .losses import distillation_loss, hidden_state_loss
+from .losses import distillation_loss, fused_forward_kl_and_cross_entropy, hidden_state_loss
 
 logger = logging.get_logger(__name__)
 
@@ -304,31 +304,35 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             return self.teacher_model(**teacher_inputs, output_hidden_states=self.args.hidden_loss_weight > 0)
 
-    def _positions(self, logits: torch.Tensor, inputs: dict[str, Any]) -> tuple[slice | None, torch.Tensor | None]:
-        """Which positions hold a distribution to distill, and the mask of those that count."""
+    def _positions(
+        self, logits: torch.Tensor, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`(mask, targets)` aligned with the logits' leading dimensions: which positions hold a distribution to
+        distill (True = counts), and the label each position predicts (-100 = none)."""
         labels = inputs.get("labels")
         attention_mask = inputs.get("attention_mask")
         if self.task == "sequence-classification":
-            return None, (labels != -100) if labels is not None else None
+            return ((labels != -100) if labels is not None else None), labels
         if self.task == "causal-lm":
-            # logits[:, t] predicts token t + 1: a position counts if that label is real (not -100, not padding).
+            # logits[:, t] predicts token t + 1. The labels are shifted (not the logits, which would copy them),
+            # and the last position, which predicts nothing, is masked out.
             if labels is not None:
-                mask = labels[:, 1:] != -100
-            elif attention_mask is not None:
-                mask = attention_mask[:, 1:].bool()
+                targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+                mask = targets != -100
             else:
-                mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)[:, 1:]
+                targets = None
+                mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+                mask[:, -1] = False
             if attention_mask is not None:
-                mask = mask & attention_mask[:, 1:].bool()
-            return slice(None, -1), mask
+                mask = mask & F.pad(attention_mask[:, 1:], (0, 1), value=0).bool()
+            return mask, targets
         mask = (labels != -100) if labels is not None else None
         if attention_mask is not None:
             mask = attention_mask.bool() if mask is None else mask & attention_mask.bool()
-        return slice(None), mask
+        return mask, labels
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args: DistillationConfig = self.args
-        labels = inputs.get("labels")
         student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         want_hidden = args.hidden_loss_weight > 0
         outputs = model(**student_inputs, output_hidden_states=want_hidden)
@@ -337,32 +341,40 @@ class DistillationTrainer(Trainer):
         s_logits, t_logits = outputs.logits, teacher_outputs.logits.to(outputs.logits.device)
         if self._shared_width is not None:
             s_logits, t_logits = s_logits[..., : self._shared_width], t_logits[..., : self._shared_width]
-        span, mask = self._positions(s_logits, inputs)
-        if span is not None:
-            s_logits, t_logits = s_logits[:, span], t_logits[:, span]
-        local_items = mask.sum() if mask is not None else torch.tensor(s_logits.shape[0], device=s_logits.device)
-        local_items = local_items.clamp_min(1)
+        mask, targets = self._positions(s_logits, inputs)
+        if args.alpha < 1.0 and targets is None:
+            raise ValueError(
+                f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
+                "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
+            )
+        if mask is not None:
+            local_items = mask.sum().clamp_min(1)
+        else:
+            local_items = torch.tensor(max(1, s_logits.shape[:-1].numel()), device=s_logits.device)
         # Sums are divided by the item count of the whole accumulated batch (across devices when the Trainer
         # averages tokens across devices), so gradient accumulation gives the same update as one large batch.
         # Without that count (evaluation, unlabeled data) each micro-batch is a plain mean.
         denominator = num_items_in_batch if (num_items_in_batch is not None and model.training) else local_items
 
-        # Per-micro-batch means of each part, for the logs.
         means: dict[str, torch.Tensor] = {}
-        sum_distill = distillation_loss(
-            s_logits, t_logits, args.loss_type, args.temperature, args.jsd_beta, mask, reduction="sum"
-        )
-        means["loss_distill"] = sum_distill / local_items
-        total = args.alpha * sum_distill
-        if args.alpha < 1.0:
-            if labels is None:
-                raise ValueError(
-                    f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
-                    "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
-                )
-            sum_task = self._task_loss(s_logits, labels, mask)
-            means["loss_task"] = sum_task / local_items
-            total = total + (1.0 - args.alpha) * sum_task
+        if args.loss_type == "forward_kl":
+            # The default: one fused pass computes both parts and their gradient (same values as the pure losses).
+            total, sum_distill, sum_task = fused_forward_kl_and_cross_entropy(
+                s_logits, t_logits, targets if args.alpha < 1.0 else None, args.temperature, args.alpha, mask
+            )
+            means["loss_distill"] = sum_distill / local_items
+            if args.alpha < 1.0:
+                means["loss_task"] = sum_task / local_items
+        else:
+            sum_distill = distillation_loss(
+                s_logits, t_logits, args.loss_type, args.temperature, args.jsd_beta, mask, reduction="sum"
+            )
+            means["loss_distill"] = sum_distill / local_items
+            total = args.alpha * sum_distill
+            if args.alpha < 1.0:
+                sum_task = self._task_loss(s_logits, targets, mask)
+                means["loss_task"] = sum_task / local_items
+                total = total + (1.0 - args.alpha) * sum_task
         if want_hidden:
             # A per-token mean over this micro-batch, weighted by its item count so it accumulates like the others.
             means["loss_hidden"] = self._hidden_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
@@ -379,14 +391,8 @@ class DistillationTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
-    def _task_loss(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _task_loss(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Summed cross-entropy of the student on the labels (the same positions as the distillation loss)."""
-        if self.task == "sequence-classification":
-            return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
-        if self.task == "causal-lm":
-            targets = labels[:, 1:]
-        else:
-            targets = labels
         if mask is not None:
             targets = targets.masked_fill(~mask, -100)
         return F.cross_entropy(
