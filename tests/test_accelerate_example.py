@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -26,17 +27,22 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def _launch(tmp_path: Path, *extra: str) -> dict:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def _launch(tmp_path: Path, *extra: str, deepspeed: bool = False) -> dict:
+    python_path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
     env.pop("OUT", None)
     results = tmp_path / "results.json"
+    if deepspeed:  # DeepSpeed's CPU accelerator with gloo: ZeRO-3 runs on CPU
+        env["DS_ACCELERATOR"] = "cpu"
+        mode = ["--config_file", str(ROOT / "examples" / "accelerate" / "deepspeed_zero3.yaml")]
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"
+        mode = ["--multi_gpu", "--num_processes", "2"]
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
+        *mode,
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -56,6 +62,52 @@ def _launch(tmp_path: Path, *extra: str) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     return json.loads(results.read_text())
+
+
+requires_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (pip install deepspeed)"
+)
+
+
+@pytest.mark.multiprocess
+@requires_deepspeed
+def test_zero3_teacher_partitioned_and_checkpoint_reloads(tmp_path):
+    """DeepSpeed ZeRO-3 on 2 CPU processes: the teacher is a ZeRO-3 engine holding half its parameters per rank,
+    distillation trains, and the gathered 16-bit checkpoint reloads on one process with the trained logits."""
+    r = _launch(tmp_path, "--no_pruning", "--no_qat", deepspeed=True)
+    assert r["world_size"] == 2 and r["distributed_type"] == "DEEPSPEED"
+    assert r["failures"] == [] and r["loss_last"] < r["loss_first"]
+    for m in r["teacher_memory"]:
+        assert m["teacher_type"] == "DeepSpeedEngine"
+        assert m["teacher_local_param_bytes"] < 0.6 * m["teacher_full_param_bytes"]
+    assert (
+        sum(m["teacher_local_param_bytes"] for m in r["teacher_memory"])
+        >= r["teacher_memory"][0]["teacher_full_param_bytes"]
+    )
+    assert r["reload"]["equal"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@requires_deepspeed
+@pytest.mark.xfail(
+    strict=True,
+    reason="PruningCallback under ZeRO-3 scores the partitioned (empty) weights: ZeroDivisionError in _set_masks",
+)
+def test_zero3_pruning_callback(tmp_path):
+    assert _launch(tmp_path, "--no_qat", deepspeed=True)["failures"] == []
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@requires_deepspeed
+@pytest.mark.xfail(
+    strict=True,
+    reason="QATCallback under ZeRO-3 inserts FakeQuantizedLinear modules DeepSpeed never hooked: the next forward "
+    "fails with \"'dict' object has no attribute '_in_forward'\"",
+)
+def test_zero3_qat_callback(tmp_path):
+    assert _launch(tmp_path, "--no_pruning", deepspeed=True)["failures"] == []
 
 
 def _check_common(r: dict) -> None:

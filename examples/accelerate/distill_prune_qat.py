@@ -38,6 +38,7 @@ On 2 GPUs (keep NVLink multicast off, see README.md):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import zlib
@@ -142,6 +143,26 @@ class RunDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+@contextlib.contextmanager
+def single_process_loading():
+    """Load with plain `from_pretrained` on one rank even in a ZeRO-3 run.
+
+    The Trainer registers its DeepSpeed config globally; while it is set, `from_pretrained` builds models under
+    `deepspeed.zero.Init`, a collective that hangs when only rank 0 loads. Unset it for the load, then restore it.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def mask_checksum(masks: dict[str, torch.Tensor]) -> int:
     crc = 0
     for name in sorted(masks):
@@ -220,6 +241,7 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (ignored with --pattern N:M)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or 'N:M' such as '2:4'")
     p.add_argument("--no_qat", action="store_true", help="leave QATCallback out (to isolate a failure)")
+    p.add_argument("--no_pruning", action="store_true", help="leave PruningCallback out (to isolate a failure)")
     p.add_argument("--qat_scheme", default="int8-dynamic-activation-int4-weight")
     p.add_argument("--qat_group_size", type=int, default=32)
     p.add_argument("--qat_start_step", type=int, default=None, help="default: max_steps // 2")
@@ -325,7 +347,9 @@ def main(argv=None):
         teacher_model=teacher,
         args=training_args,
         train_dataset=RunDataset(args.batch_size * args.max_steps * 8, args.seq_len, vocab, seed=args.seed),
-        callbacks=[pruning, mask_check] if args.no_qat else [pruning, qat, mask_check],
+        callbacks=([] if args.no_pruning else [pruning])
+        + ([] if args.no_qat else [qat])
+        + ([] if args.no_pruning else [mask_check]),
     )
     world_size = trainer.accelerator.num_processes
     distributed_type = str(trainer.accelerator.distributed_type).split(".")[-1]
@@ -375,7 +399,8 @@ def main(argv=None):
     failures: list[str] = []
     results: dict = {}
     if rank == 0:
-        reloaded = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32)
+        with single_process_loading():
+            reloaded = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32)
         reloaded.eval()
         with torch.no_grad():
             logits = reloaded(input_ids=probe_ids).logits.float()
@@ -397,7 +422,8 @@ def main(argv=None):
         quant = None
         qdir = out / "quantized"
         if qat.save_quantized and qdir.is_dir():
-            qmodel = AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu")
+            with single_process_loading():
+                qmodel = AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu")
             with torch.no_grad():
                 qlogits = qmodel(input_ids=probe_ids).logits.float()
             quant = {
@@ -421,7 +447,10 @@ def main(argv=None):
             "qat_layers": len(qat.fake_quantized_modules),
             "fake_quantized_layers_left_after_train": left_fake_quantized,
             "mask_checks": mask_check.records,
-            "masks_identical_every_step": bool(mask_check.records)
+            "pruning": not args.no_pruning,
+            "qat": not args.no_qat,
+            "masks_identical_every_step": args.no_pruning
+            or bool(mask_check.records)
             and all(r["masks_identical"] and not any(r["violations"]) for r in mask_check.records),
             "final_sparsity": pruning.sparsity,
             "teacher_memory": memory_all,
@@ -432,7 +461,7 @@ def main(argv=None):
             failures.append(f"loss did not go down: {loss_first:.4f} -> {loss_last:.4f}")
         if not results["masks_identical_every_step"]:
             failures.append("pruning masks differed between ranks or did not hold")
-        if len(mask_check.records) != trainer.state.global_step:
+        if not args.no_pruning and len(mask_check.records) != trainer.state.global_step:
             failures.append(f"masks checked at {len(mask_check.records)} of {trainer.state.global_step} steps")
         if reload["n_m_compliant"] is False:
             failures.append(f"reloaded checkpoint is not {args.pattern} sparse")
@@ -461,11 +490,17 @@ def print_summary(r: dict) -> None:
     mib = 2**20
     print(f"\n## {r['distributed_type']} x{r['world_size']} on {r['device']}{' (LoRA student)' if r['peft'] else ''}")
     print(f"loss {r['loss_first']:.4f} -> {r['loss_last']:.4f} over {r['global_step']} steps")
-    print(
-        f"pruning: final sparsity {r['final_sparsity']:.3f}; masks identical and held on every rank at "
-        f"{len(r['mask_checks'])} steps: {r['masks_identical_every_step']}"
-    )
-    print(f"QAT: fake quantization inserted at step {r['qat_inserted_at']} on {r['qat_layers']} layers")
+    if r["pruning"]:
+        print(
+            f"pruning: final sparsity {r['final_sparsity']:.3f}; masks identical and held on every rank at "
+            f"{len(r['mask_checks'])} steps: {r['masks_identical_every_step']}"
+        )
+    else:
+        print("pruning: off (--no_pruning)")
+    if r["qat"]:
+        print(f"QAT: fake quantization inserted at step {r['qat_inserted_at']} on {r['qat_layers']} layers")
+    else:
+        print("QAT: off (--no_qat)")
     print("| rank | teacher | teacher params held (MiB) | of full (MiB) | CUDA after setup (MiB) | CUDA peak (MiB) |")
     print("|---|---|---|---|---|---|")
     for m in r["teacher_memory"]:
