@@ -283,3 +283,33 @@ def test_existing_quantized_dir_is_not_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_save_quantized_false_still_removes_fake_quantization(tmp_path):
+    model = _model()
+    qat = QATCallback(scheme="int4-weight-only", group_size=32, save_quantized=False)
+    Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=lm_dataset(n=16), callbacks=[qat]).train()
+    assert len(qat.fake_quantized_modules) == 14
+    assert fake_quantized_module_names(model) == []
+    assert not (tmp_path / "run" / "quantized").exists()
+
+
+def test_qat_on_a_lora_student_saves_the_merged_quantized_model(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(_model(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    qat = QATCallback(scheme="int8-dynamic-activation-int4-weight", group_size=32)
+    trainer = Trainer(
+        model=peft_model, args=_args(tmp_path, max_steps=3), train_dataset=lm_dataset(n=16), callbacks=[qat]
+    )
+    trainer.train()
+    assert fake_quantized_module_names(peft_model) == []
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())  # the trained adapter is left as it is
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "run" / "quantized")
+    reference = copy.deepcopy(peft_model).merge_and_unload()
+    config = QATConfig(scheme="int8-dynamic-activation-int4-weight", group_size=32)
+    prepare_qat_(reference, config)
+    convert_qat_(reference, config)
+    batch = random_token_batch(vocab=96)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, reference(**batch).logits)

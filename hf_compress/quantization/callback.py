@@ -160,24 +160,35 @@ class QATCallback(TrainerCallback, ExportableState):
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         model = unwrap_model(model)
-        if not self.save_quantized:
-            return
-        target = _resolve_dir(args.output_dir, self.output_dir, "quantized")
-        if state.is_world_process_zero:
-            save_qat_model(
-                model,
-                target,
-                self.config,
-                processing_class=processing_class,
-                overwrite=self.overwrite,
-                quantized_module_names=self.fake_quantized_modules or None,
-            )
-            self.quantized_model_dir = str(target)
-            logger.info(f"QATCallback: wrote the {self.config.scheme} quantized model to {target}.")
-        elif fake_quantized_module_names(model):
+        names = list(self.fake_quantized_modules or fake_quantized_module_names(model))
+        if fake_quantized_module_names(model):
             from .qat import convert_qat_
 
-            convert_qat_(model)  # keep every rank's model in the same (plain Linear) state
+            convert_qat_(model)  # every rank: plain Linear layers holding the QAT-trained weights
+        if not self.save_quantized or not state.is_world_process_zero:
+            return
+        target = _resolve_dir(args.output_dir, self.output_dir, "quantized")
+        to_save = model
+        if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+            # A LoRA student: quantize the merged weights (a copy, so the trained adapter stays as it is).
+            to_save = copy.deepcopy(model).merge_and_unload()
+            names = [_merged_module_name(n) for n in names]
+        save_qat_model(
+            to_save,
+            target,
+            self.config,
+            processing_class=processing_class,
+            overwrite=self.overwrite,
+            quantized_module_names=names or None,
+        )
+        self.quantized_model_dir = str(target)
+        logger.info(f"QATCallback: wrote the {self.config.scheme} quantized model to {target}.")
+
+
+def _merged_module_name(peft_name: str) -> str:
+    """`base_model.model.model.layers.0.q_proj.base_layer` -> `model.layers.0.q_proj` (the name after merging)."""
+    name = peft_name.removeprefix("base_model.model.")
+    return name.removesuffix(".base_layer")
 
 
 def evaluate_model(
