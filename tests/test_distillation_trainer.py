@@ -343,3 +343,31 @@ def test_ddp_two_processes_end_with_identical_students(tmp_path):
     assert info["world_size"] == 2 and info["changed"] and info["teacher_is_ddp"] is False
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_compression_callbacks_log_before_tensorboard(tmp_path):
+    from transformers.integrations import TensorBoardCallback
+
+    from hf_compress import PruningCallback, PruningConfig
+
+    pruning = PruningCallback(PruningConfig(sparsity=0.5))
+    trainer = DistillationTrainer(
+        model=tiny_bert(layers=1, seed=2),
+        teacher_model=tiny_bert(seed=1),
+        args=_args(tmp_path, max_steps=2, report_to="tensorboard"),
+        train_dataset=classification_dataset(16),
+        callbacks=[pruning],
+    )
+    order = trainer.callback_handler.callbacks
+    tensorboard = next(i for i, cb in enumerate(order) if isinstance(cb, TensorBoardCallback))
+    assert order.index(pruning) < tensorboard
+    trainer.train()
+    assert any("sparsity" in h for h in trainer.state.log_history)
+
+
+def test_every_public_name_is_importable():
+    import hf_compress
+
+    missing = [name for name in hf_compress.__all__ if getattr(hf_compress, name, None) is None]
+    assert not missing
+    assert hf_compress.__all__ == sorted(hf_compress.__all__)

@@ -178,6 +178,7 @@ class DistillationTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        _log_compression_figures_before_integrations(self.callback_handler)
 
     # ------------------------------------------------------------------ setup
     def _load_teacher(self, name_or_path: str, init_kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -454,6 +455,23 @@ class _ProjectorCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.sync()
+
+
+def _log_compression_figures_before_integrations(handler) -> None:
+    """Move hf_compress callbacks ahead of the reporting integrations (TensorBoard, W&B, ...).
+
+    User callbacks come after the integrations in transformers' order, so keys they add to the logs in `on_log`
+    (sparsity, QAT and report figures) would reach the progress bar and `log_history` but not TensorBoard or W&B.
+    """
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    integrations = tuple(INTEGRATION_TO_CALLBACK.values())
+    ours = [cb for cb in handler.callbacks if type(cb).__module__.startswith("hf_compress.")]
+    if not ours or not any(isinstance(cb, integrations) for cb in handler.callbacks):
+        return
+    rest = [cb for cb in handler.callbacks if cb not in ours]
+    first = next(i for i, cb in enumerate(rest) if isinstance(cb, integrations))
+    handler.callbacks = rest[:first] + ours + rest[first:]
 
 
 def _prepare_deepspeed_teacher(teacher: nn.Module, accelerator) -> nn.Module:
