@@ -50,7 +50,11 @@ def main():
     text = Path(opts.train_file).read_text(encoding="utf-8")
     if opts.offline:
         torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=128, n_embd=128, n_layer=2, n_head=4))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=256, n_positions=128, n_embd=128, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None
+            )
+        )
         ids = torch.frombuffer(bytearray(text[:2_000_000].encode()), dtype=torch.uint8).long()
         opts.block_size, opts.max_steps = 128, min(opts.max_steps, 60)
     else:
