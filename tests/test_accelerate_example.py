@@ -205,6 +205,36 @@ def _fsdp2_worker(out_dir: str) -> None:  # runs under torchrun, 2 processes
 
         return fn
 
+    def callback():  # PruningCallback's hooks as the Trainer calls them, on an FSDP2 model
+        from types import SimpleNamespace
+
+        from safetensors.torch import load_file
+
+        from hf_compress import PruningCallback
+
+        model = sharded()
+        cb = PruningCallback(PruningConfig(sparsity=0.5))
+        args = SimpleNamespace(output_dir=out_dir, resume_from_checkpoint=None)
+        state = SimpleNamespace(global_step=0, is_world_process_zero=rank == 0, stateful_callbacks={})
+        cb.on_train_begin(args, state, None, model=model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        cb.on_optimizer_step(args, state, None)
+        state.global_step = 1
+        Path(out_dir, "checkpoint-1").mkdir(exist_ok=True)
+        dist.barrier()
+        cb.on_save(args, state, None)
+        dist.barrier()
+        saved = load_file(str(Path(out_dir, "checkpoint-1", "pruning_masks.safetensors")))
+        weight = model.model.layers[0].self_attn.q_proj.weight.full_tensor()
+        return {
+            "sparsity": cb.sparsity,
+            "zero_fraction": float((weight == 0).float().mean()),
+            "saved_shape": list(saved["model.layers.0.self_attn.q_proj"].shape),
+            "saved_zero_fraction": float(1 - saved["model.layers.0.self_attn.q_proj"].float().mean()),
+        }
+
     def qat(prepare_before):
         def fn():
             model = sharded(prepare_before)
@@ -220,6 +250,7 @@ def _fsdp2_worker(out_dir: str) -> None:  # runs under torchrun, 2 processes
         "prune_unstructured": attempt(prune("unstructured")),
         "prune_2_4": attempt(prune("2:4")),
         "prune_2_4_broadcast": attempt(prune("2:4", broadcast=True)),
+        "prune_callback": attempt(callback),
         "qat_after_sharding": attempt(qat(False)),
         "qat_before_sharding": attempt(qat(True)),
     }
@@ -256,25 +287,28 @@ def test_fsdp2_qat_inserted_before_sharding_trains(fsdp2_results):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.xfail(
-    strict=True,
-    reason="PruningCallback's _broadcast_masks calls torch.distributed.broadcast on DTensor masks under FSDP2: "
-    "'c10d.broadcast_.default does not have a sharding strategy registered'",
-)
 def test_fsdp2_pruning_callback_mask_broadcast(fsdp2_results):
     for rank in fsdp2_results:
         assert rank["prune_2_4_broadcast"]["ok"], rank["prune_2_4_broadcast"]
+        assert rank["prune_2_4_broadcast"]["zero_fraction"] == pytest.approx(0.5)
 
 
 @pytest.mark.multiprocess
-@pytest.mark.xfail(
-    strict=True,
-    reason="unstructured compute_masks on FSDP2 DTensor weights: topk indices are DTensors and the index_put into "
-    "a plain keep-mask fails ('aten.index_put_.default got mixed torch.Tensor and DTensor')",
-)
 def test_fsdp2_unstructured_pruning_on_dtensor_weights(fsdp2_results):
     for rank in fsdp2_results:
         assert rank["prune_unstructured"]["ok"], rank["prune_unstructured"]
+        assert rank["prune_unstructured"]["zero_fraction"] == pytest.approx(0.5)
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_pruning_callback_hooks_and_full_checkpoint_masks(fsdp2_results):
+    for rank in fsdp2_results:
+        result = rank["prune_callback"]
+        assert result["ok"], result
+        assert result["sparsity"] == pytest.approx(0.5)
+        assert result["zero_fraction"] == pytest.approx(0.5)  # re-masked after the optimizer step
+        assert result["saved_shape"] == [64, 64]  # whole masks in the checkpoint, not a rank's shard
+        assert result["saved_zero_fraction"] == pytest.approx(0.5)
 
 
 @pytest.mark.multiprocess

@@ -16,7 +16,16 @@ from ..utils.modules import unwrap_model
 from .config import PruningConfig
 from .schedule import is_pruning_step, last_pruning_step_at_or_before, sparsity_at_step
 from .scoring import get_scorer_class
-from .unstructured import apply_masks_, compute_masks, get_pruning_targets, make_pruning_permanent_
+from .unstructured import (
+    _full,
+    _is_dtensor,
+    _shard_like,
+    apply_masks_,
+    compute_masks,
+    get_pruning_targets,
+    make_pruning_permanent_,
+    num_kept,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -29,13 +38,17 @@ _CALIBRATION_DATA: dict[str, Any] = {}
 
 def _broadcast_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Under torch.distributed, make every rank use rank 0's masks (scores can differ by float noise or by
-    rank-local calibration batches; masks must not)."""
+    rank-local calibration batches; masks must not). DTensor masks (FSDP2) are left as they are: `compute_masks`
+    already scattered them from rank 0's whole mask."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return masks
     if torch.distributed.get_world_size() == 1:
         return masks
     out = {}
     for name in sorted(masks):
+        if _is_dtensor(masks[name]):
+            out[name] = masks[name]
+            continue
         buffer = masks[name].to(torch.uint8)  # gloo has no bool collectives
         torch.distributed.broadcast(buffer, src=0)
         out[name] = buffer.bool()
@@ -47,7 +60,8 @@ class PruningCallback(TrainerCallback, ExportableState):
 
     - Masks are recomputed at the schedule's steps (`TrainerState.global_step`, i.e. optimizer updates, so gradient
       accumulation does not change the schedule) and re-applied after every optimizer step, so Adam momentum cannot
-      revive a pruned weight. Under DDP the masks of rank 0 are broadcast to every rank.
+      revive a pruned weight. Under DDP the masks of rank 0 are broadcast to every rank; under FSDP2
+      (DTensor weights) masks are chosen on the whole weights and kept sharded like them.
     - Logs `sparsity`, `sparsity_target`, `sparsity_layer_min` and `sparsity_layer_max` with the training logs.
     - Checkpoints get a `pruning_masks.safetensors` and the schedule position (via `ExportableState`), and
       `resume_from_checkpoint` continues with the same masks as an uninterrupted run.
@@ -99,6 +113,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         self._modules: dict[str, nn.Module] | None = None
         self._trainable: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._layer_sparsity: dict[str, float] = {}
+        self._kept: dict[str, int] = {}
         self._scorer = get_scorer_class(config.method)()
 
     # ExportableState: the Trainer stores this in trainer_state.json of every checkpoint.
@@ -113,18 +128,19 @@ class PruningCallback(TrainerCallback, ExportableState):
         """Current fraction of pruned weights among the targeted ones."""
         if not self.masks:
             return 0.0
-        kept = sum(int(m.sum()) for m in self.masks.values())
-        return 1 - kept / sum(m.numel() for m in self.masks.values())
+        return 1 - sum(self._kept.values()) / sum(m.numel() for m in self.masks.values())
 
     def _set_masks(self, masks: dict[str, torch.Tensor]) -> None:
         modules = self._modules
-        self.masks = {name: mask.to(modules[name].weight.device) for name, mask in masks.items()}
+        self.masks = {name: _shard_like(mask, modules[name].weight) for name, mask in masks.items()}
         apply_masks_(modules, self.masks)
+        # Counted once here: for DTensor masks a count is a collective, which on_log (rank-local) must not run.
+        self._kept = {name: num_kept(m) for name, m in self.masks.items()}
         # Only weights the optimizer updates need re-masking after a step (frozen PEFT base layers do not).
         self._trainable = [
             (modules[name].weight, mask) for name, mask in self.masks.items() if modules[name].weight.requires_grad
         ]
-        self._layer_sparsity = {name: 1 - int(m.sum()) / m.numel() for name, m in self.masks.items()}
+        self._layer_sparsity = {name: 1 - self._kept[name] / m.numel() for name, m in self.masks.items()}
 
     def _prune(self, model: nn.Module, step: int) -> None:
         target = sparsity_at_step(self.config, step)
@@ -230,14 +246,18 @@ class PruningCallback(TrainerCallback, ExportableState):
             state.log_history[-1].update(values)
 
     def on_save(self, args, state, control, **kwargs):
-        if not self.masks or not state.is_world_process_zero:
+        if not self.masks:
+            return
+        # Whole masks in the checkpoint; gathering DTensor shards is a collective, so every rank takes part.
+        masks = {name: _full(mask) for name, mask in self.masks.items()}
+        if not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
             from safetensors.torch import save_file
 
             save_file(
-                {name: mask.contiguous().cpu() for name, mask in self.masks.items()}, os.path.join(folder, MASKS_NAME)
+                {name: mask.contiguous().cpu() for name, mask in masks.items()}, os.path.join(folder, MASKS_NAME)
             )
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -28,6 +28,38 @@ def get_pruning_targets(model: nn.Module, config: PruningConfig) -> dict[str, nn
     return find_linear_modules(unwrap_model(model), config.target_modules, config.exclude_modules)
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank if `tensor` is an FSDP2 / tensor-parallel DTensor shard (a collective), else
+    `tensor` itself."""
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _shard_like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`mask` laid out like `weight`: a full mask becomes a DTensor with the weight's mesh and placements (rank 0's
+    copy is scattered, so every rank applies the same mask); a plain weight gets `mask` on its device."""
+    if not _is_dtensor(weight) or _is_dtensor(mask):
+        return mask.to(weight.device)
+    # uint8: gloo has no bool collectives.
+    from torch.distributed.tensor import distribute_tensor
+
+    full = mask.to(device=weight.device, dtype=torch.uint8)
+    return distribute_tensor(full, weight.device_mesh, weight.placements).bool()
+
+
+def num_kept(mask: torch.Tensor) -> int:
+    """Number of True entries of a keep-mask, DTensor shards included (a collective then)."""
+    kept = mask.sum()
+    return int(kept.full_tensor() if _is_dtensor(kept) else kept)
+
+
 def _to_stored_layout(module: nn.Module, keep_out_in: torch.Tensor) -> torch.Tensor:
     return keep_out_in.t().contiguous() if is_conv1d(module) else keep_out_in.contiguous()
 
@@ -96,9 +128,11 @@ def compute_masks(
 
     scores = {}
     for name, module in modules.items():
-        score = scorer.score(name, module)
+        # FSDP2 shards: score the whole weight (identical on every rank), so masks are whole and identical too.
+        score = _full(scorer.score(name, module))
         if previous_masks is not None and name in previous_masks:
-            score = score.masked_fill(~_to_out_in(module, previous_masks[name].to(score.device)), float("-inf"))
+            previous = _full(previous_masks[name]).to(score.device)
+            score = score.masked_fill(~_to_out_in(module, previous), float("-inf"))
         scores[name] = score
 
     masks: dict[str, torch.Tensor] = {}
@@ -121,6 +155,7 @@ def compute_masks(
             score = scores[name]
             masks[name] = _to_stored_layout(module, _keep_lowest_pruned(score, round(sparsity * score.numel())))
     for name, module in modules.items():
+        masks[name] = _shard_like(masks[name], module.weight)
         scorer.update_weights_(name, module, masks[name])
     return masks
 
@@ -144,7 +179,7 @@ def apply_masks_(
         if reparametrize:
             torch_prune.custom_from_mask(module, MASK_ATTRIBUTE, mask.to(module.weight.device, module.weight.dtype))
         else:
-            module.weight.mul_(mask.to(module.weight.device))
+            module.weight.mul_(_shard_like(mask, module.weight))
 
 
 def prune_(
@@ -191,7 +226,7 @@ def prune_(
     modules = get_pruning_targets(model, config)
     masks = compute_masks(model, config, sparsity=sparsity, calibration_data=calibration_data, modules=modules)
     apply_masks_(modules, masks, reparametrize=reparametrize)
-    kept = sum(int(m.sum()) for m in masks.values())
+    kept = sum(num_kept(m) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     logger.info(f"Pruned {len(masks)} modules with {config.method}/{config.pattern}: sparsity {1 - kept / total:.4f}")
     return masks
@@ -211,5 +246,5 @@ def make_pruning_permanent_(model: nn.Module, masks: dict[str, torch.Tensor] | N
             torch_prune.remove(module, MASK_ATTRIBUTE)
     if masks:
         for name, mask in masks.items():
-            named[name].weight.mul_(mask.to(named[name].weight.device))
+            named[name].weight.mul_(_shard_like(mask, named[name].weight))
     return model
