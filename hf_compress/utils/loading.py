@@ -77,7 +77,8 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None, gguf_path: str | 
         cache_dir (`str`, *optional*):
             Where the folder is kept; defaults to `default_cache_dir()`.
         gguf_path (`str`, *optional*):
-            A GGUF file to convert instead of the packaged one (e.g. on a machine without the package).
+            A GGUF file to convert instead of the packaged one (e.g. on a machine without the package); the
+            environment variable `HF_COMPRESS_SMOLLM2_GGUF` sets it too.
 
     Returns:
         `str`: the folder's path.
@@ -89,6 +90,8 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None, gguf_path: str | 
     folder = folder / "SmolLM2-135M-Instruct"
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
         return str(folder)
+    if gguf_path is None and os.environ.get("HF_COMPRESS_SMOLLM2_GGUF"):
+        gguf_path = os.environ["HF_COMPRESS_SMOLLM2_GGUF"]
     gguf = Path(gguf_path) if gguf_path is not None else find_packaged_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
