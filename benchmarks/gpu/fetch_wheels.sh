@@ -5,6 +5,11 @@
 #   bash benchmarks/gpu/fetch_wheels.sh issue7   # 1 GPU: bitsandbytes, torchao, transformers, peft   (~61 MB)
 #   bash benchmarks/gpu/fetch_wheels.sh issue8   # 2 GPUs: deepspeed (+hjson, pydantic), torchao, transformers, peft
 #   bash benchmarks/gpu/fetch_wheels.sh qlora    # 2 GPUs, QLoRA under DDP: bitsandbytes, torchao, transformers, peft
+#   bash benchmarks/gpu/fetch_wheels.sh all      # everything at once (~33 MB): bitsandbytes shrunk to its CUDA 13.0 +
+#                                                # CPU libraries, torchao, transformers, tokenizers, safetensors, peft,
+#                                                # trl, liger-kernel, datasets (+dill, multiprocess), gguf, deepspeed
+#                                                # (+hjson, pydantic), huggingface-hub. Source benchmarks/gpu/device_env.sh
+#                                                # on the GPU machine to install them.
 #
 # What travels (working tree ~1.5 MB + carried .whl) must stay under 64 MiB: bitsandbytes alone is 43 MB, so the
 # DeepSpeed set and the bitsandbytes set are separate calls. The GPU image already has torch 2.11, accelerate 1.15,
@@ -32,6 +37,22 @@ case "$set_name" in
     python3 -m pip download --no-deps --no-binary=:all: deepspeed==0.18.2 -d "$tmp"
     DS_BUILD_OPS=0 python3 -m pip wheel --no-deps --no-build-isolation -w .whl "$tmp"/deepspeed-0.18.2.tar.gz
     rm -rf "$tmp" ;;
-  *) echo "unknown set $set_name (issue7, issue8, qlora)"; exit 2 ;;
+  all)
+    download bitsandbytes==0.50.2 "${common[@]}" transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 \
+      trl==1.16.0 liger-kernel==0.8.5 datasets==5.2.0 "dill<0.4.2" "multiprocess<0.70.20" gguf==0.19.0 hjson \
+      pydantic pydantic-core annotated-types typing-inspection huggingface-hub==2.4.0
+    rm -f .whl/transformers-5.23.0-*.whl
+    # Keep only bitsandbytes' CUDA 13.0 and CPU libraries (43 MB -> 4 MB): the GPU image's torch is built for CUDA 13.
+    tmp=$(mktemp -d)
+    (cd "$tmp" && unzip -q "$OLDPWD"/.whl/bitsandbytes-*.whl && rm -f "$OLDPWD"/.whl/bitsandbytes-*.whl \
+      && find bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda130*' ! -name '*_cpu*' -delete \
+      && python3 -c "import glob; r=glob.glob('bitsandbytes-*.dist-info/RECORD')[0]; l=[x for x in open(r) if not ('libbitsandbytes_' in x and '.so,' in x and 'cuda130' not in x and '_cpu' not in x)]; open(r,'w').writelines(l)" \
+      && zip -qr "$OLDPWD"/.whl/bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl .)
+    rm -rf "$tmp"
+    tmp=$(mktemp -d)
+    python3 -m pip download --no-deps --no-binary=:all: deepspeed==0.19.8 -d "$tmp"
+    DS_BUILD_OPS=0 python3 -m pip wheel --no-deps --no-build-isolation -w .whl "$tmp"/deepspeed-0.19.8.tar.gz
+    rm -rf "$tmp" ;;
+  *) echo "unknown set $set_name (issue7, issue8, qlora, all)"; exit 2 ;;
 esac
 du -sh .whl && ls .whl
