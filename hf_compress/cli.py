@@ -173,8 +173,7 @@ def _report_command(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-compress` console script."""
-    from .demo import UnavailableError
-    from .recipes import RecipeError
+    from .errors import RecipeError, UnavailableError
 
     parser = build_parser()
     ns = parser.parse_args(list(argv) if argv is not None else None)

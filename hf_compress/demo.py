@@ -23,11 +23,9 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from .errors import UnavailableError
+
 logger = logging.get_logger(__name__)
-
-
-class UnavailableError(RuntimeError):
-    """A model or dataset named on the command line could not be loaded (no network, wrong name)."""
 
 
 STAGE_DIRS = {"teacher": "1_teacher", "student": "2_student", "pruned": "3_pruned", "quantized": "4_quantized"}

@@ -41,6 +41,8 @@ from typing import Any
 
 from transformers.utils import logging
 
+from .errors import RecipeError, UnavailableError
+
 logger = logging.get_logger(__name__)
 
 STAGE_TYPES = ("distill", "prune", "structured_prune", "quantize", "qat")
@@ -77,10 +79,6 @@ _RUNNER_ARGUMENTS = {
     "teacher_model_init_kwargs",
     "model_class",
 }
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the stage (index and name) and the field."""
 
 
 def _did_you_mean(value: str, allowed) -> str:
@@ -450,8 +448,6 @@ def _load_data(recipe: Recipe, tokenizer):
         try:
             data = load_dataset(spec["hub"])
         except Exception as err:
-            from .demo import UnavailableError
-
             raise UnavailableError(
                 f"dataset.hub={spec['hub']!r} could not be loaded ({type(err).__name__}: {err})."
             ) from err
