@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from transformers.utils import logging
 
 from .utils import find_linear_modules, require_backend, unwrap_model
 from .utils.modules import LINEAR_TYPES
+from .utils.output import check_output_dir, prepare_output_dir
 
 logger = logging.get_logger(__name__)
 
@@ -42,8 +42,6 @@ _TASKS: dict[str, tuple[str, str]] = {
 _PEFT_TASK_TO_TASK = {peft_task: task for task, (_, peft_task) in _TASKS.items()}
 # Tasks whose head is new and must train with the adapters (PEFT `modules_to_save`).
 _TASKS_WITH_TRAINABLE_HEAD = ("sequence-classification", "token-classification", "question-answering")
-_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -581,28 +579,6 @@ class QLoRAMergeResult:
     )
 
 
-def _holds_model(path: Path) -> bool:
-    return path.is_dir() and any((path / f).exists() for f in _MODEL_FILES + _ADAPTER_FILES)
-
-
-def _check_output_dir(path: str | os.PathLike, overwrite: bool, argument: str) -> Path:
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{argument}={str(path)!r} is an existing file, not a folder.")
-    if _holds_model(path) and not overwrite:
-        raise FileExistsError(
-            f"{argument}={str(path)!r} already holds a model; refusing to overwrite it. "
-            "Pass overwrite=True or choose another folder."
-        )
-    return path
-
-
-def _clear_dir(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-
-
 @torch.no_grad()
 def _evaluate(
     model: nn.Module,
@@ -695,14 +671,16 @@ def merge_qlora(
         compute_metrics (`Callable`, *optional*): `EvalPrediction -> dict`, as for Trainer.
         data_collator (`Callable`, *optional*): defaults to `default_data_collator`.
         eval_batch_size (`int`, *optional*, defaults to 8).
-        overwrite (`bool`, *optional*, defaults to `False`): allow writing into folders that already hold a model.
+        overwrite (`bool`, *optional*, defaults to `False`): allow writing into non-empty folders; only the files
+            hf_compress writes (model, tokenizer, adapter, report files) are replaced there, other files are kept.
         model_kwargs (`dict`, *optional*): extra `from_pretrained` arguments for the base (`num_labels`, ...).
 
     Returns:
         [`QLoRAMergeResult`]
 
     Raises:
-        FileExistsError: `output_dir` (or `requantized_output_dir`) already holds a model and `overwrite=False`.
+        FileExistsError: `output_dir` (or `requantized_output_dir`) is not empty and `overwrite=False`; nothing is
+            deleted or written.
         ValueError: bad `requantize`, or no adapter found.
 
     Example:
@@ -720,10 +698,11 @@ def merge_qlora(
     if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
         raise ValueError(f"eval_batch_size={eval_batch_size!r} is invalid: it must be a positive integer.")
     out_dtype = _dtype(dtype)
-    out = _check_output_dir(output_dir, overwrite, "output_dir")
+    # Both folders are checked before any work; each is cleared of earlier hf_compress files only when written.
+    out = check_output_dir(output_dir, overwrite, "output_dir")
     req_out = None
     if requantize is not None:
-        req_out = _check_output_dir(
+        req_out = check_output_dir(
             requantized_output_dir or f"{out}-{requantize}", overwrite, "requantized_output_dir"
         )
         require_backend("bitsandbytes", f"Re-quantizing the merged model (requantize={requantize!r})")
@@ -780,7 +759,7 @@ def merge_qlora(
         # 2. merge in float32, cast, save
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged = merged.to(out_dtype)
-        _clear_dir(out)
+        prepare_output_dir(out, overwrite, "output_dir")
         merged.save_pretrained(out)
         _save_tokenizer(adapter_dir, base_path, out)
         del merged, base
@@ -793,7 +772,7 @@ def merge_qlora(
             skeleton = _empty_model(task, AutoConfig.from_pretrained(out))
             qconfig = _bnb_config(skeleton, load_in_8bit=requantize == "int8")
             requantized = auto_cls.from_pretrained(out, quantization_config=qconfig, device_map=device_map)
-            _clear_dir(req_out)
+            prepare_output_dir(req_out, overwrite, "requantized_output_dir")
             requantized.save_pretrained(req_out)
             _save_tokenizer(adapter_dir, base_path, req_out)
             del requantized

@@ -31,7 +31,6 @@ import enum
 import inspect
 import json
 import os
-import shutil
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -42,6 +41,14 @@ from typing import Any
 from transformers.utils import logging
 
 from .errors import RecipeError, UnavailableError
+from .utils.output import (
+    LIBRARY_FILES,
+    REPORT_FILES,
+    TRAINER_FILES,
+    check_output_dir,
+    clear_library_files,
+    library_files,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -68,6 +75,8 @@ _DATASET_KEYS = {
     "train_split",
     "eval_split",
 }
+# what a stage writes into its folder: the model, tokenizer, report files and the files of its Trainer run
+_STAGE_FILES = LIBRARY_FILES + TRAINER_FILES
 _REPORT_KEYS = {"batch_size", "max_eval_batches", "latency_batches", "warmup"}
 # Arguments of the library functions that the runner fills in itself.
 _RUNNER_ARGUMENTS = {
@@ -503,12 +512,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     elif overrides:
         raise ValueError("overrides are only applied when the recipe is given as a file or dict.")
     folders = recipe.stage_dirs()
-    existing = [str(p) for p in folders.values() if p.is_dir() and any(p.iterdir())]
-    if existing and not recipe.overwrite:
-        raise FileExistsError(f"stage folders {existing} already exist; set overwrite: true (or --overwrite).")
-    for p in folders.values():
-        if p.is_dir():
-            shutil.rmtree(p)
+    _prepare_output(recipe, folders)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer or recipe.model)
     train_set, eval_set = _load_data(recipe, tokenizer)
@@ -634,6 +638,28 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     report.to_json(root / "report.json")
     (root / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     return report
+
+
+def _prepare_output(recipe: Recipe, folders: Mapping[str, Path]) -> None:
+    """Check every folder and file the recipe writes before the first stage runs; with `overwrite`, remove only what
+    hf_compress wrote there (see `hf_compress.utils.output`), never the user's other files."""
+    root = Path(recipe.output_dir)
+    existing = [str(p) for p in folders.values() if p.exists() and (not p.is_dir() or any(p.iterdir()))]
+    existing += [str(p) for p in library_files(root, REPORT_FILES)]
+    if existing and not recipe.overwrite:
+        raise FileExistsError(
+            f"stage folders / report files {existing} already exist; set overwrite: true (or --overwrite) to replace "
+            "what hf_compress wrote there (other files are kept), or choose another output_dir."
+        )
+    for stage in recipe.stages:
+        folder = check_output_dir(folders[stage.name], recipe.overwrite, f"output_dir/{stage.folder_name}")
+        if stage.type == "qat":  # the qat stage writes two models below its folder
+            for sub in ("float", "quantized"):
+                clear_library_files(folder / sub, _STAGE_FILES)
+                if (folder / sub).is_dir() and not any((folder / sub).iterdir()):
+                    (folder / sub).rmdir()
+        clear_library_files(folder, _STAGE_FILES)
+    clear_library_files(root, REPORT_FILES)
 
 
 def _row_figures(row) -> dict[str, Any]:

@@ -137,3 +137,25 @@ def test_new_config_fields_are_picked_up(monkeypatch):
         load_recipe(
             {"model": "m", "output_dir": "o", "stages": [{"type": "prune", "config": {"warmup_fraction": "x"}}]}
         )
+
+
+def test_overwrite_replaces_only_what_the_recipe_wrote(teacher_dir, tmp_path):
+    """Stage folders and report files are checked before the first stage; overwrite keeps the user's files."""
+    recipe = _recipe(
+        teacher_dir, tmp_path / "out", [{"type": "structured_prune", "config": {"ffn_pruning_ratio": 0.5}}]
+    )
+    stage = tmp_path / "out" / "1_structured_prune"
+    stage.mkdir(parents=True)
+    (stage / "notes.txt").write_text("mine")
+    (stage / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
+    (tmp_path / "out" / "data.csv").write_text("url,label\n")
+    with pytest.raises(FileExistsError, match=r"1_structured_prune.*overwrite"):
+        run_recipe(recipe)
+    assert sorted(p.name for p in stage.iterdir()) == ["model-00001-of-00002.safetensors", "notes.txt"]
+
+    report = run_recipe(recipe, overwrite=True)
+    assert [r.name for r in report.rows] == ["input", "structured_prune"]
+    assert (stage / "notes.txt").read_text() == "mine"
+    assert not (stage / "model-00001-of-00002.safetensors").exists()  # a stale shard of ours is removed
+    assert (stage / "model.safetensors").is_file() and (tmp_path / "out" / "report.json").is_file()
+    assert (tmp_path / "out" / "data.csv").read_text() == "url,label\n"
