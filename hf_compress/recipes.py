@@ -9,18 +9,24 @@ model: out/teacher                 # the input model (the teacher of a `distill`
 dataset: {name: phishing}          # or {path: urls.csv}, or {hub: shawhin/phishing-site-classification}
 output_dir: out/recipe
 stages:
+  - type: finetune                 # a plain Trainer run on the labels (e.g. training the teacher); optional
+    args: {num_train_epochs: 2}
   - type: distill                  # DistillationTrainer into create_student(model, **student)
+    report_name: student (distilled)   # the stage's row in the report (default: its name)
     student: {num_layers: 2, num_heads: 2}
     args: {num_train_epochs: 2, temperature: 2.0, alpha: 0.5, learning_rate: 1.0e-3}
   - type: structured_prune         # structured_prune_(model, StructuredPruningConfig(**config)), then optional fine-tune
     config: {ffn_pruning_ratio: 0.5}
   - type: prune                    # PruningCallback(PruningConfig(**config)) during a fine-tune (args), or one-shot
+    structured: {ffn_pruning_ratio: 0.25}   # optional: structured_prune_ first, in the same stage
     config: {sparsity: 0.3, schedule: cubic, end_step: 100}
     args: {num_train_epochs: 1}
     distill_from_teacher: true     # fine-tune with DistillationTrainer against the distill stage's teacher
   - type: quantize                 # quantize_model(model, **config)
     config: {method: nf4, double_quant: true}
 ```
+
+`hf-compress demo` is one such recipe, shipped in the package (`hf_compress/data/demo_recipe.yaml`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import enum
 import inspect
 import json
 import os
+import time
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -52,12 +59,13 @@ from .utils.output import (
 
 logger = logging.get_logger(__name__)
 
-STAGE_TYPES = ("distill", "prune", "structured_prune", "quantize", "qat")
+STAGE_TYPES = ("finetune", "distill", "prune", "structured_prune", "quantize", "qat")
 # Stage keys every stage accepts, and the keys per stage type.
-_COMMON_STAGE_KEYS = {"type", "name"}
+_COMMON_STAGE_KEYS = {"type", "name", "report_name"}
 _STAGE_KEYS = {
+    "finetune": {"args", "distill_from_teacher"},
     "distill": {"student", "args"},
-    "prune": {"config", "args", "distill_from_teacher"},
+    "prune": {"structured", "config", "args", "distill_from_teacher"},
     "structured_prune": {"config", "args", "distill_from_teacher"},
     "quantize": {"config", "storage_dtype"},
     "qat": {"config", "args", "distill_from_teacher"},
@@ -77,7 +85,7 @@ _DATASET_KEYS = {
 }
 # what a stage writes into its folder: the model, tokenizer, report files and the files of its Trainer run
 _STAGE_FILES = LIBRARY_FILES + TRAINER_FILES
-_REPORT_KEYS = {"batch_size", "max_eval_batches", "latency_batches", "warmup"}
+_REPORT_KEYS = {"batch_size", "max_eval_batches", "latency_batches", "warmup", "include_input"}
 # Arguments of the library functions that the runner fills in itself.
 _RUNNER_ARGUMENTS = {
     "teacher",
@@ -195,6 +203,13 @@ class Stage:
     args: dict[str, Any] | None = None
     distill_from_teacher: bool = False
     storage_dtype: str | None = None
+    structured: dict[str, Any] = field(default_factory=dict)
+    report_name: str | None = None
+
+    @property
+    def row_name(self) -> str:
+        """The stage's row in the report."""
+        return self.report_name or self.name
 
     @property
     def label(self) -> str:
@@ -218,7 +233,8 @@ class Recipe:
         teacher (`str`, *optional*): teacher of `distill` stages (default: `model`).
         tokenizer (`str`, *optional*): tokenizer folder or name (default: `model`).
         overwrite (`bool`): replace existing stage folders.
-        report (`dict`): [`compression_report`] settings: `batch_size`, `max_eval_batches`, `latency_batches`, `warmup`.
+        report (`dict`): [`compression_report`] settings: `batch_size`, `max_eval_batches`, `latency_batches`, `warmup`;
+            `include_input: false` leaves the input model out of the table (its first row is then the first stage).
 
     >>> recipe = load_recipe({"model": "teacher", "output_dir": "out", "stages": [{"type": "quantize"}]})
     >>> recipe.stages[0].folder_name
@@ -255,16 +271,16 @@ def _validate_stage(stage: Stage, output_dir: str) -> None:
         from .distillation.student import create_student
 
         _check_fields(where, "student", stage.student, _signature_hints(create_student))
-    elif stage.type == "prune":
+    elif stage.type in ("prune", "structured_prune"):
         from .pruning import PruningConfig
-
-        _check_fields(where, "config", stage.config, _dataclass_hints(PruningConfig))
-        _build(where, "config", lambda: PruningConfig(**stage.config))
-    elif stage.type == "structured_prune":
         from .pruning.structured import StructuredPruningConfig
 
-        _check_fields(where, "config", stage.config, _dataclass_hints(StructuredPruningConfig))
-        _build(where, "config", lambda: StructuredPruningConfig(**stage.config))
+        if stage.structured:
+            _check_fields(where, "structured", stage.structured, _dataclass_hints(StructuredPruningConfig))
+            _build(where, "structured", lambda: StructuredPruningConfig(**stage.structured))
+        cls = PruningConfig if stage.type == "prune" else StructuredPruningConfig
+        _check_fields(where, "config", stage.config, _dataclass_hints(cls))
+        _build(where, "config", lambda: cls(**stage.config))
     elif stage.type == "quantize":
         from .quantization.ptq import build_quantization_config, quantize_model
 
@@ -311,23 +327,67 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any], **overrides: Any)
         `RecipeError` (a `ValueError`): an unknown stage type, unknown field or wrongly typed value, or a value a
             config rejects, naming the stage (index and name) and the field.
     """
-    if isinstance(source, Mapping):
-        data = dict(source)
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe: no file at {str(path)!r}.")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-        if not isinstance(data, Mapping):
-            raise RecipeError(f"recipe: {str(path)!r} must hold a mapping with 'model', 'output_dir' and 'stages'.")
-        data = dict(data)
+    data = _read_recipe(source)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    dataset, report = _check_top_level(data)
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise RecipeError("recipe: field 'stages' must be a non-empty list of stages.")
+    stages: list[Stage] = []
+    for index, raw in enumerate(raw_stages):
+        stage = _parse_stage(index, raw, {s.name for s in stages})
+        quantized = [s for s in stages if s.type in ("quantize", "qat")]
+        if quantized:
+            raise RecipeError(
+                f"{stage.label}: comes after the quantization stage {quantized[0].index}; quantization must be the "
+                "last stage."
+            )
+        stages.append(stage)
+    if any(s.distill_from_teacher for s in stages) and not any(s.type == "distill" for s in stages):
+        if not data.get("teacher"):
+            bad = next(s for s in stages if s.distill_from_teacher)
+            raise RecipeError(
+                f"{bad.label}: field 'distill_from_teacher' needs a teacher: a 'distill' stage before it or a "
+                "top-level 'teacher'."
+            )
+    recipe = Recipe(
+        model=data["model"],
+        stages=stages,
+        output_dir=data["output_dir"],
+        dataset=dict(dataset),
+        teacher=data.get("teacher"),
+        tokenizer=data.get("tokenizer"),
+        overwrite=data.get("overwrite", False),
+        report=dict(report),
+    )
+    for stage in stages:
+        _validate_stage(stage, str(Path(recipe.output_dir) / stage.folder_name))
+        if stage.distill_from_teacher and not any(s.type == "distill" for s in stages[: stage.index]):
+            if not recipe.teacher:
+                raise RecipeError(f"{stage.label}: field 'distill_from_teacher' needs an earlier 'distill' stage.")
+    return recipe
+
+
+def _read_recipe(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe: no file at {str(path)!r}.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"recipe: {str(path)!r} must hold a mapping with 'model', 'output_dir' and 'stages'.")
+    return dict(data)
+
+
+def _check_top_level(data: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """Check the top-level fields; returns the dataset and report settings."""
     unknown = set(data) - _TOP_LEVEL_KEYS
     if unknown:
         key = sorted(unknown)[0]
@@ -358,112 +418,121 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any], **overrides: Any)
     report = data.get("report") or {}
     if not isinstance(report, Mapping) or any(k not in _REPORT_KEYS for k in report):
         raise RecipeError(f"recipe: field 'report' accepts {sorted(_REPORT_KEYS)}, got {report!r}.")
-    raw_stages = data.get("stages")
-    if not isinstance(raw_stages, list) or not raw_stages:
-        raise RecipeError("recipe: field 'stages' must be a non-empty list of stages.")
-
-    stages: list[Stage] = []
-    names: set[str] = set()
-    quantized_at: int | None = None
-    for index, raw in enumerate(raw_stages):
-        if not isinstance(raw, Mapping):
-            raise RecipeError(f"stage {index}: must be a mapping with a 'type', got {raw!r}.")
-        stage_type = raw.get("type")
-        name = raw.get("name", stage_type)
-        where = f"stage {index} ({name!r})"
-        if stage_type not in STAGE_TYPES:
-            raise RecipeError(
-                f"{where}: unknown stage type {stage_type!r}; allowed: {list(STAGE_TYPES)}."
-                + _did_you_mean(stage_type, STAGE_TYPES)
-            )
-        if not isinstance(name, str) or not name or "/" in name or name in names:
-            raise RecipeError(f"{where}: field 'name' must be a unique folder-safe string, got {name!r}.")
-        names.add(name)
-        allowed = _COMMON_STAGE_KEYS | _STAGE_KEYS[stage_type]
-        for key in raw:
-            if key not in allowed:
-                raise RecipeError(
-                    f"stage {index} ({name!r}, type {stage_type!r}): unknown field {key!r}; allowed: {sorted(allowed)}."
-                    + _did_you_mean(key, allowed)
-                )
-        stage = Stage(
-            type=stage_type,
-            name=name,
-            index=index,
-            student=dict(raw.get("student") or {}),
-            config=dict(raw.get("config") or {}),
-            args=dict(raw["args"]) if raw.get("args") is not None else None,
-            distill_from_teacher=raw.get("distill_from_teacher", False),
-            storage_dtype=raw.get("storage_dtype"),
+    if not isinstance(report.get("include_input", True), bool):
+        raise RecipeError(
+            f"recipe: field report.include_input must be true or false, got {report['include_input']!r}."
         )
-        if stage.storage_dtype not in (None, "float32", "bfloat16", "float16"):
+    return dataset, report
+
+
+def _parse_stage(index: int, raw: Any, names: set[str]) -> Stage:
+    """One stage from its mapping: type, name and the fields its type accepts (values are checked later)."""
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"stage {index}: must be a mapping with a 'type', got {raw!r}.")
+    stage_type = raw.get("type")
+    name = raw.get("name", stage_type)
+    where = f"stage {index} ({name!r})"
+    if stage_type not in STAGE_TYPES:
+        raise RecipeError(
+            f"{where}: unknown stage type {stage_type!r}; allowed: {list(STAGE_TYPES)}."
+            + _did_you_mean(stage_type, STAGE_TYPES)
+        )
+    if not isinstance(name, str) or not name or "/" in name or name in names:
+        raise RecipeError(f"{where}: field 'name' must be a unique folder-safe string, got {name!r}.")
+    allowed = _COMMON_STAGE_KEYS | _STAGE_KEYS[stage_type]
+    for key in raw:
+        if key not in allowed:
             raise RecipeError(
-                f"{stage.label}: field 'storage_dtype'={stage.storage_dtype!r}; allowed: float32, bfloat16, float16 "
-                "(dtype of the weights the quantization leaves unquantized: embeddings, norms, skipped layers)."
+                f"stage {index} ({name!r}, type {stage_type!r}): unknown field {key!r}; allowed: {sorted(allowed)}."
+                + _did_you_mean(key, allowed)
             )
-        if not isinstance(stage.distill_from_teacher, bool):
-            raise RecipeError(f"{stage.label}: field 'distill_from_teacher' must be true or false.")
-        for section in ("student", "config", "args"):
-            if raw.get(section) is not None and not isinstance(raw[section], Mapping):
-                raise RecipeError(f"{stage.label}: field {section!r} must be a mapping, got {raw[section]!r}.")
-        if stage.type == "distill" and stage.args is None:
-            stage.args = {}
-        if quantized_at is not None:
-            raise RecipeError(
-                f"{stage.label}: comes after the quantization stage {quantized_at}; quantization must be the last stage."
-            )
-        if stage.type in ("quantize", "qat"):
-            quantized_at = index
-        stages.append(stage)
-    if any(s.distill_from_teacher for s in stages) and not any(s.type == "distill" for s in stages):
-        if not data.get("teacher"):
-            bad = next(s for s in stages if s.distill_from_teacher)
-            raise RecipeError(
-                f"{bad.label}: field 'distill_from_teacher' needs a teacher: a 'distill' stage before it or a "
-                "top-level 'teacher'."
-            )
-    recipe = Recipe(
-        model=data["model"],
-        stages=stages,
-        output_dir=data["output_dir"],
-        dataset=dict(dataset),
-        teacher=data.get("teacher"),
-        tokenizer=data.get("tokenizer"),
-        overwrite=data.get("overwrite", False),
-        report=dict(report),
+    for section in ("student", "config", "args", "structured"):
+        if raw.get(section) is not None and not isinstance(raw[section], Mapping):
+            label = f"stage {index} ({name!r}, type {stage_type!r})"
+            raise RecipeError(f"{label}: field {section!r} must be a mapping, got {raw[section]!r}.")
+    stage = Stage(
+        type=stage_type,
+        name=name,
+        index=index,
+        student=dict(raw.get("student") or {}),
+        config=dict(raw.get("config") or {}),
+        args=dict(raw["args"]) if raw.get("args") is not None else None,
+        distill_from_teacher=raw.get("distill_from_teacher", False),
+        storage_dtype=raw.get("storage_dtype"),
+        structured=dict(raw.get("structured") or {}),
+        report_name=raw.get("report_name"),
     )
-    for stage in stages:
-        _validate_stage(stage, str(Path(recipe.output_dir) / stage.folder_name))
-        if stage.distill_from_teacher and not any(s.type == "distill" for s in stages[: stage.index]):
-            if not recipe.teacher:
-                raise RecipeError(f"{stage.label}: field 'distill_from_teacher' needs an earlier 'distill' stage.")
-    return recipe
+    if stage.storage_dtype not in (None, "float32", "bfloat16", "float16"):
+        raise RecipeError(
+            f"{stage.label}: field 'storage_dtype'={stage.storage_dtype!r}; allowed: float32, bfloat16, float16 "
+            "(dtype of the weights the quantization leaves unquantized: embeddings, norms, skipped layers)."
+        )
+    if not isinstance(stage.distill_from_teacher, bool):
+        raise RecipeError(f"{stage.label}: field 'distill_from_teacher' must be true or false.")
+    if stage.report_name is not None and (not isinstance(stage.report_name, str) or not stage.report_name):
+        raise RecipeError(f"{stage.label}: field 'report_name' must be a non-empty string, got {stage.report_name!r}.")
+    if stage.type == "distill" and stage.args is None:
+        stage.args = {}
+    return stage
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # running
 
 
-def _load_data(recipe: Recipe, tokenizer):
-    spec = recipe.dataset
+def load_dataset_splits(spec: Mapping[str, Any]):
+    """The raw `DatasetDict` a recipe's `dataset` field names (before tokenization).
+
+    The embedded phishing URLs (`name: phishing`) or a CSV (`path:`) come with `train` / `validation` / `test` splits
+    and `text` / `label` columns. A hub dataset (`hub:`) without `text_column` / `label_column` gets them named the
+    same way (`labels` -> `label`; `url`, `sentence` or `content` -> `text`), and a held-out split carved from `train`
+    (seeded, 70/15/15) when it has neither `test` nor `validation` and no `eval_split` is given.
+
+    Raises:
+        UnavailableError: the hub dataset could not be loaded (no network, wrong name).
+    """
     seed = spec.get("seed", 42)
     if "name" in spec or "path" in spec:
         from .data import load_phishing_dataset
 
-        data = load_phishing_dataset(spec.get("path"), seed=seed, max_examples=spec.get("max_examples"))
-    else:
-        from datasets import load_dataset
+        return load_phishing_dataset(spec.get("path"), seed=seed, max_examples=spec.get("max_examples"))
+    from datasets import DatasetDict, load_dataset
 
-        try:
-            data = load_dataset(spec["hub"])
-        except Exception as err:
-            raise UnavailableError(
-                f"dataset.hub={spec['hub']!r} could not be loaded ({type(err).__name__}: {err})."
-            ) from err
-        if spec.get("max_examples"):
-            data = type(data)(
-                {k: v.shuffle(seed=seed).select(range(min(len(v), spec["max_examples"]))) for k, v in data.items()}
-            )
+    try:
+        data = load_dataset(spec["hub"])
+    except Exception as err:  # offline errors come as ConnectionError, OSError, HF hub errors, ...
+        raise UnavailableError(
+            f"dataset.hub={spec['hub']!r} could not be loaded from the Hugging Face Hub ({type(err).__name__}: "
+            f"{err}). Without network access, use the phishing URL data embedded in hf_compress (recipe: "
+            "`dataset: {name: phishing}`; `hf-compress demo`: leave out --dataset)."
+        ) from err
+    if "text_column" not in spec and "label_column" not in spec:
+        data = DatasetDict({k: _text_and_label(v, spec["hub"]) for k, v in data.items()})
+    if "test" not in data and "validation" not in data and "eval_split" not in spec and "train" in data:
+        held = data["train"].train_test_split(test_size=0.3, seed=seed)
+        rest = held["test"].train_test_split(test_size=0.5, seed=seed)
+        data = DatasetDict({"train": held["train"], "validation": rest["train"], "test": rest["test"]})
+    if spec.get("max_examples"):
+        data = DatasetDict(
+            {k: v.shuffle(seed=seed).select(range(min(len(v), spec["max_examples"]))) for k, v in data.items()}
+        )
+    return data
+
+
+def _text_and_label(ds, name: str):
+    if "labels" in ds.column_names and "label" not in ds.column_names:
+        ds = ds.rename_column("labels", "label")
+    if "text" not in ds.column_names:
+        text_cols = [c for c in ds.column_names if c in ("url", "sentence", "content")]
+        if not text_cols:
+            raise ValueError(f"dataset.hub={name!r} needs a text column (set text_column), has {ds.column_names}.")
+        ds = ds.rename_column(text_cols[0], "text")
+    return ds
+
+
+def _load_data(recipe: Recipe, tokenizer):
+    spec = recipe.dataset
+    data = load_dataset_splits(spec)
     text_col, label_col = spec.get("text_column", "text"), spec.get("label_column", "label")
     train_split = spec.get("train_split", "train")
     eval_split = spec.get("eval_split") or ("test" if "test" in data else "validation")
@@ -492,158 +561,222 @@ def _load_model(name_or_path: str):
     return model
 
 
+@dataclass
+class _Run:
+    """What the stages of one recipe run share: the data, and the model as it goes from stage to stage."""
+
+    recipe: Recipe
+    tokenizer: Any
+    train_set: Any
+    eval_set: Any
+    collator: Any
+    report_kwargs: dict[str, Any]
+    model: Any = None
+    teacher: Any = None
+    methods: list[str] = field(default_factory=list)
+    rows: list[Any] = field(default_factory=list)
+
+    def measure(self, name: str, model_or_path: Any, methods: list[str]):
+        from .metrics import make_compute_metrics
+        from .reporting import compression_report
+
+        return compression_report(
+            {name: model_or_path},
+            eval_dataset=self.eval_set,
+            compute_metrics=make_compute_metrics("classification"),
+            task="classification",
+            processing_class=self.tokenizer,
+            data_collator=self.collator,
+            methods={name: methods},
+            **self.report_kwargs,
+        ).rows[0]
+
+    def calibration_batches(self) -> list[dict[str, Any]]:
+        """4 batches of 8 training examples, without labels."""
+        batches = [self.collator([self.train_set[i] for i in range(b * 8, b * 8 + 8)]) for b in range(4)]
+        for batch in batches:
+            batch.pop("labels", None)
+        return batches
+
+
 def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrides: Any):
     """Run every stage of a recipe in order; returns the [`~hf_compress.CompressionReport`] after the last stage.
 
     Each stage writes `output_dir/<n>_<name>/` (the model, its tokenizer, a model card and `report.md` /
     `report.json` with the input model and every stage so far, measured on the evaluation split). An existing
     stage folder is never overwritten unless the recipe (or `overwrite=True`) says so; this is checked for every
-    stage before the first one runs.
+    stage before the first one runs, and `overwrite` replaces only what hf_compress wrote there. The wall time of
+    every stage (its training, saving and measuring) is in `report.timings` and the final `report.json`.
     """
-    import torch
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
-
-    from .distillation import DistillationTrainer
-    from .metrics import make_compute_metrics
-    from .reporting import CompressionReport, CompressionReportCallback, compression_report, write_model_card
+    from transformers import AutoTokenizer, DataCollatorWithPadding
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, **overrides)
     elif overrides:
         raise ValueError("overrides are only applied when the recipe is given as a file or dict.")
+    start = time.perf_counter()
     folders = recipe.stage_dirs()
     _prepare_output(recipe, folders)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer or recipe.model)
     train_set, eval_set = _load_data(recipe, tokenizer)
-    collator = DataCollatorWithPadding(tokenizer)
-    compute_metrics = make_compute_metrics("classification")
     report_kwargs = {"batch_size": 32, "latency_batches": 3, "warmup": 1, **recipe.report}
-
-    def measure(name: str, model_or_path, methods: list[str]):
-        return compression_report(
-            {name: model_or_path},
-            eval_dataset=eval_set,
-            compute_metrics=compute_metrics,
-            task="classification",
-            processing_class=tokenizer,
-            data_collator=collator,
-            methods={name: methods},
-            **report_kwargs,
-        ).rows[0]
-
-    model = _load_model(recipe.model)
-    teacher = _load_model(recipe.teacher) if recipe.teacher else None
-    rows = [measure("input", model, [])]
-    methods: list[str] = []
-    report = CompressionReport(rows=list(rows), task="classification")
+    include_input = report_kwargs.pop("include_input", True)
+    run = _Run(recipe, tokenizer, train_set, eval_set, DataCollatorWithPadding(tokenizer), report_kwargs)
+    run.model = _load_model(recipe.model)
+    run.teacher = _load_model(recipe.teacher) if recipe.teacher else None
+    if include_input:
+        run.rows.append(run.measure("input", run.model, []))
+    timings = {"data": time.perf_counter() - start}
     for stage in recipe.stages:
-        folder = folders[stage.name]
-        folder.mkdir(parents=True, exist_ok=True)
-        logger.info(f"hf_compress recipe: {stage.label} -> {folder}")
-        result: Any = None
-        callbacks: list[Any] = []
-        if stage.type == "distill":
-            from .distillation import create_student
-
-            teacher = model
-            teacher.eval()
-            model = create_student(teacher, **stage.student)
-            methods.append(f"distillation into {stage.student or 'a copy'} ({_describe(stage.args)})")
-        elif stage.type == "structured_prune":
-            from .pruning.structured import StructuredPruningConfig, structured_prune_
-
-            cfg = StructuredPruningConfig(**stage.config)
-            calibration = None
-            if cfg.importance == "activation" or cfg.layer_importance == "block_influence":
-                calibration = [collator([train_set[i] for i in range(b * 8, b * 8 + 8)]) for b in range(4)]
-                for batch in calibration:
-                    batch.pop("labels", None)
-            structured_prune_(model, cfg, calibration)
-            methods.append(f"structured pruning ({_describe(stage.config)})")
-        elif stage.type == "prune":
-            from .pruning import PruningCallback, PruningConfig, make_pruning_permanent_, prune_
-
-            cfg = PruningConfig(**stage.config)
-            calibration = None
-            if cfg.requires_calibration:
-                calibration = [collator([train_set[i] for i in range(b * 8, b * 8 + 8)]) for b in range(4)]
-                for batch in calibration:
-                    batch.pop("labels", None)
-            if stage.args is None:
-                masks = prune_(model, cfg, calibration_data=calibration) if calibration else prune_(model, cfg)
-                make_pruning_permanent_(model, masks if isinstance(masks, dict) else None)
-            else:
-                callbacks.append(PruningCallback(cfg, calibration_data=calibration))
-            methods.append(f"unstructured pruning ({_describe(stage.config)})")
-        elif stage.type == "quantize":
-            from .quantization import quantize_model
-
-            source = model
-            if stage.storage_dtype is not None:
-                import copy
-
-                source = copy.deepcopy(model).to(getattr(torch, stage.storage_dtype))
-            result = quantize_model(
-                source, output_dir=folder, processing_class=tokenizer, overwrite=True, **stage.config
-            )
-            methods.append(f"post-training quantization ({_describe(stage.config) or 'nf4'})")
-        elif stage.type == "qat":
-            from .quantization import QATCallback
-
-            callbacks.append(QATCallback(**stage.config, output_dir=str(folder / "quantized"), overwrite=True))
-            methods.append(f"quantization-aware training ({_describe(stage.config) or 'default scheme'})")
-
-        if stage.args is not None:
-            cls = _training_class(stage)
-            defaults = {"report_to": "none", "save_strategy": "no", "use_cpu": not torch.cuda.is_available()}
-            args = cls(output_dir=str(folder), **{**defaults, **stage.args})
-            callbacks.append(CompressionReportCallback(list(methods)))
-            common = {
-                "model": model,
-                "args": args,
-                "train_dataset": train_set,
-                "data_collator": collator,
-                "processing_class": tokenizer,
-                "callbacks": callbacks,
-            }
-            if cls is Trainer or not hasattr(args, "temperature"):
-                trainer = Trainer(**common)
-            else:
-                if teacher is None:
-                    raise ValueError(f"{stage.label}: no teacher to distill from.")
-                trainer = DistillationTrainer(teacher_model=teacher, **common)
-            trainer.train()
-            model = trainer.model
-        model.eval()
-        if stage.type == "quantize":
-            measured = folder
-            model = result
-        elif stage.type == "qat":
-            model.save_pretrained(folder / "float")
-            measured = folder / "quantized"
-        else:
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            measured = folder
-        row = measure(stage.name, measured, list(methods))
-        rows.append(row)
-        write_model_card(folder, _row_figures(row), methods, {"name": "input", "size_mb": rows[0].disk_mb})
-        report = CompressionReport(rows=list(rows), task="classification")
-        report.to_json(folder / "report.json")
-        (folder / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
-        logger.info(f"hf_compress recipe: after {stage.label}:\n{report.to_markdown()}")
-        model.train() if stage.type not in ("quantize", "qat") else None
-    root = Path(recipe.output_dir)
-    report.to_json(root / "report.json")
-    (root / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
+        stage_start = time.perf_counter()
+        report = _run_stage(run, stage, folders[stage.name])
+        timings[stage.name] = time.perf_counter() - stage_start
+    timings["total"] = time.perf_counter() - start
+    report.timings = timings  # type: ignore[attr-defined]
+    _write_report(report, Path(recipe.output_dir), {"timings_s": timings})
     return report
 
 
-def _prepare_output(recipe: Recipe, folders: Mapping[str, Path]) -> None:
-    """Check every folder and file the recipe writes before the first stage runs; with `overwrite`, remove only what
-    hf_compress wrote there (see `hf_compress.utils.output`), never the user's other files."""
+def _run_stage(run: _Run, stage: Stage, folder: Path):
+    """One stage: its one-shot step, its Trainer run (`args`), the save, the measurement and the stage report."""
+    from .reporting import CompressionReport, write_model_card
+
+    folder.mkdir(parents=True, exist_ok=True)
+    logger.info(f"hf_compress recipe: {stage.label} -> {folder}")
+    quantized, callbacks = _apply_stage(run, stage, folder)
+    if stage.args is not None:
+        run.model = _train(run, stage, folder, callbacks)
+    run.model.eval()
+    if stage.type == "quantize":
+        measured = folder
+        run.model = quantized
+    elif stage.type == "qat":
+        run.model.save_pretrained(folder / "float")
+        measured = folder / "quantized"
+    else:
+        run.model.save_pretrained(folder)
+        run.tokenizer.save_pretrained(folder)
+        measured = folder
+    row = run.measure(stage.row_name, measured, list(run.methods))
+    run.rows.append(row)
+    reference = run.rows[0] if run.rows[0] is not row else None
+    reference_figures = {"name": reference.name, "size_mb": reference.disk_mb} if reference else None
+    write_model_card(folder, _row_figures(row), run.methods, reference_figures)
+    report = CompressionReport(rows=list(run.rows), task="classification")
+    _write_report(report, folder)
+    logger.info(f"hf_compress recipe: after {stage.label}:\n{report.to_markdown()}")
+    if stage.type not in ("quantize", "qat"):
+        run.model.train()
+    return report
+
+
+def _apply_stage(run: _Run, stage: Stage, folder: Path) -> tuple[Any, list[Any]]:
+    """The stage's own step before any training; returns the quantized model (quantize) and the callbacks."""
+    callbacks: list[Any] = []
+    if stage.type == "finetune" and stage.distill_from_teacher:
+        run.methods.append(f"distillation fine-tune ({_describe(stage.args)})")
+    elif stage.type == "distill":
+        from .distillation import create_student
+
+        run.teacher = run.model
+        run.teacher.eval()
+        run.model = create_student(run.teacher, **stage.student)
+        run.methods.append(f"distillation into {stage.student or 'a copy'} ({_describe(stage.args)})")
+    elif stage.type == "structured_prune":
+        _structured_prune(run, stage.config)
+    elif stage.type == "prune":
+        from .pruning import PruningCallback, PruningConfig, make_pruning_permanent_, prune_
+
+        if stage.structured:
+            _structured_prune(run, stage.structured)
+        cfg = PruningConfig(**stage.config)
+        calibration = run.calibration_batches() if cfg.requires_calibration else None
+        if stage.args is None:
+            masks = prune_(run.model, cfg, calibration_data=calibration) if calibration else prune_(run.model, cfg)
+            make_pruning_permanent_(run.model, masks if isinstance(masks, dict) else None)
+        else:
+            callbacks.append(PruningCallback(cfg, calibration_data=calibration))
+        run.methods.append(f"unstructured pruning ({_describe(stage.config)})")
+    elif stage.type == "quantize":
+        import copy
+
+        import torch
+
+        from .quantization import quantize_model
+
+        source = run.model
+        if stage.storage_dtype is not None:
+            source = copy.deepcopy(run.model).to(getattr(torch, stage.storage_dtype))
+        quantized = quantize_model(
+            source, output_dir=folder, processing_class=run.tokenizer, overwrite=True, **stage.config
+        )
+        run.methods.append(f"post-training quantization ({_describe(stage.config) or 'nf4'})")
+        return quantized, callbacks
+    elif stage.type == "qat":
+        from .quantization import QATCallback
+
+        callbacks.append(QATCallback(**stage.config, output_dir=str(folder / "quantized"), overwrite=True))
+        run.methods.append(f"quantization-aware training ({_describe(stage.config) or 'default scheme'})")
+    return None, callbacks
+
+
+def _structured_prune(run: _Run, fields: Mapping[str, Any]) -> None:
+    from .pruning.structured import StructuredPruningConfig, structured_prune_
+
+    cfg = StructuredPruningConfig(**fields)
+    calibration = None
+    if cfg.importance == "activation" or cfg.layer_importance == "block_influence":
+        calibration = run.calibration_batches()
+    structured_prune_(run.model, cfg, calibration)
+    run.methods.append(f"structured pruning ({_describe(fields)})")
+
+
+def _train(run: _Run, stage: Stage, folder: Path, callbacks: list[Any]):
+    """The stage's Trainer run: `DistillationTrainer` against the teacher for distillation, `Trainer` otherwise."""
+    import torch
+    from transformers import Trainer
+
+    from .distillation import DistillationTrainer
+    from .reporting import CompressionReportCallback
+
+    cls = _training_class(stage)
+    defaults = {"report_to": "none", "save_strategy": "no", "use_cpu": not torch.cuda.is_available()}
+    args = cls(output_dir=str(folder), **{**defaults, **stage.args})
+    callbacks.append(CompressionReportCallback(list(run.methods)))
+    common = {
+        "model": run.model,
+        "args": args,
+        "train_dataset": run.train_set,
+        "data_collator": run.collator,
+        "processing_class": run.tokenizer,
+        "callbacks": callbacks,
+    }
+    if not hasattr(args, "temperature"):
+        trainer = Trainer(**common)
+    else:
+        if run.teacher is None:
+            raise ValueError(f"{stage.label}: no teacher to distill from.")
+        trainer = DistillationTrainer(teacher_model=run.teacher, **common)
+    trainer.train()
+    return trainer.model
+
+
+def _write_report(report, folder: Path, extra: Mapping[str, Any] | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    report.to_json(folder / "report.json")
+    if extra:
+        data = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        data.update(extra)
+        (folder / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    (folder / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
+
+
+def check_recipe_output(recipe: Recipe) -> None:
+    """Refuse (`FileExistsError`, nothing touched) to run a recipe over stage folders or report files of an earlier
+    run unless the recipe says `overwrite: true`."""
     root = Path(recipe.output_dir)
+    folders = recipe.stage_dirs()
     existing = [str(p) for p in folders.values() if p.exists() and (not p.is_dir() or any(p.iterdir()))]
     existing += [str(p) for p in library_files(root, REPORT_FILES)]
     if existing and not recipe.overwrite:
@@ -651,6 +784,15 @@ def _prepare_output(recipe: Recipe, folders: Mapping[str, Path]) -> None:
             f"stage folders / report files {existing} already exist; set overwrite: true (or --overwrite) to replace "
             "what hf_compress wrote there (other files are kept), or choose another output_dir."
         )
+
+
+def _prepare_output(recipe: Recipe, folders: Mapping[str, Path]) -> None:
+    """Check every folder and file the recipe writes before the first stage runs; with `overwrite`, remove only what
+    hf_compress wrote there (see `hf_compress.utils.output`), never the user's other files."""
+    check_recipe_output(recipe)
+    if not recipe.overwrite:
+        return
+    root = Path(recipe.output_dir)
     for stage in recipe.stages:
         folder = check_output_dir(folders[stage.name], recipe.overwrite, f"output_dir/{stage.folder_name}")
         if stage.type == "qat":  # the qat stage writes two models below its folder
@@ -677,4 +819,13 @@ def _describe(values: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in (values or {}).items())
 
 
-__all__ = ["STAGE_TYPES", "Recipe", "RecipeError", "Stage", "load_recipe", "run_recipe"]
+__all__ = [
+    "STAGE_TYPES",
+    "Recipe",
+    "RecipeError",
+    "Stage",
+    "check_recipe_output",
+    "load_dataset_splits",
+    "load_recipe",
+    "run_recipe",
+]
