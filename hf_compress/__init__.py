@@ -39,6 +39,7 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
     "metrics": ["classification_metrics", "compute_perplexity", "make_compute_metrics"],
     "reporting": ["CompressionReport", "CompressionReportCallback", "compression_report"],
     "recipes": ["Recipe", "load_recipe", "run_recipe"],
+    "errors": ["RecipeError", "UnavailableError"],
     "utils.loading": ["smollm2_folder", "strip_gguf_quantization_"],
     "utils.imports": [
         "is_bitsandbytes_available",

@@ -43,14 +43,19 @@ def _recipe_epilog() -> str:
         "  dataset: {name: phishing} (embedded, default) | {path: file.csv} | {hub: name}, plus text_column, "
         "label_column, max_length, max_examples, seed, train_split, eval_split",
         "  teacher, tokenizer: optional folders or hub names; overwrite: true|false",
-        "  report: batch_size, max_eval_batches, latency_batches, warmup (compression_report settings)",
-        f"  stages: a list; each has 'type' (one of {', '.join(STAGE_TYPES)}) and an optional 'name'.",
+        "  report: batch_size, max_eval_batches, latency_batches, warmup (compression_report settings); "
+        "include_input: false leaves the input model out of the table",
+        f"  stages: a list; each has 'type' (one of {', '.join(STAGE_TYPES)}), an optional 'name' (its folder "
+        "<n>_<name>) and an optional 'report_name' (its row in the table).",
         "",
         "Stage fields:",
+        "  finetune: args (a plain Trainer run on the labels, e.g. to train a teacher; without args the model is "
+        "kept as it is); distill_from_teacher",
         "  distill:  student: create_student arguments (num_layers, num_heads, layer_indices, intermediate_size, "
         "head_selection); args: DistillationConfig fields",
         "  prune:    config: PruningConfig fields; args (optional, a fine-tune with PruningCallback; without it the "
-        "pruning is one-shot); distill_from_teacher: true|false",
+        "pruning is one-shot); distill_from_teacher: true|false; structured: StructuredPruningConfig fields applied "
+        "first (optional)",
         "  structured_prune: config: StructuredPruningConfig fields; args (optional fine-tune); distill_from_teacher",
         "  quantize: config: quantize_model arguments (method, compute_dtype, double_quant, llm_int8_threshold, "
         "group_size, skip_modules); storage_dtype: float32|bfloat16|float16 for the weights left unquantized",
@@ -70,7 +75,7 @@ def _recipe_epilog() -> str:
         *_field_lines(QATConfig),
         "",
         "The whole recipe is validated before the first stage runs; errors name the stage and the field.",
-        "Examples: examples/recipes/*.yaml",
+        "Examples: examples/recipes/*.yaml, and the demo's own recipe (hf_compress/data/demo_recipe.yaml).",
     ]
     return "\n".join(lines)
 
@@ -131,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         dataclass_types=[DemoConfig],
         help="The reference pipeline offline: teacher -> distilled student -> pruned -> 4-bit, with the table.",
         description="Train a teacher on the embedded phishing URLs, distill, prune, quantize to 4 bits and print "
-        "the comparison table (report.md / report.json / report.png in output_dir). Fully offline by default; "
-        "--teacher and --dataset take hub names when a network is available.",
+        "the comparison table (report.md / report.json / report.png in output_dir). The stages are the recipe "
+        "hf_compress/data/demo_recipe.yaml, run as `hf-compress run` runs any recipe; the flags below are applied "
+        "to it. Fully offline by default; --teacher and --dataset take hub names when a network is available.",
     )
     return parser
 
@@ -173,8 +179,7 @@ def _report_command(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hf-compress` console script."""
-    from .demo import UnavailableError
-    from .recipes import RecipeError
+    from .errors import RecipeError, UnavailableError
 
     parser = build_parser()
     ns = parser.parse_args(list(argv) if argv is not None else None)
@@ -198,7 +203,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
         return 0
     if ns.command == "report":
         return _report_command(ns)
-    from .demo import DemoConfig, run_demo
+    from .demo import DEMO_RECIPE, DemoConfig, run_demo
 
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(DemoConfig) if hasattr(ns, f.name)}
     report = run_demo(DemoConfig(**values))
@@ -207,6 +212,10 @@ def _dispatch(ns: argparse.Namespace) -> int:
     if timings:
         print("\nstage wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     print(f"\nreport.md, report.json and report.png written to {values['output_dir']}")
+    print(
+        f"The stages are the recipe {DEMO_RECIPE}: copy it, edit it and run it with `hf-compress run <file>`. "
+        f"This run's recipe (your flags applied): {values['output_dir']}/recipe.yaml"
+    )
     return 0
 
 

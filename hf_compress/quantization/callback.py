@@ -15,6 +15,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from ..utils import require_backend, unwrap_model
+from ..utils.output import check_output_dir
 from .config import QATConfig
 from .ptq import PTQ_METHODS, build_quantization_config, quantize_model
 from .qat import fake_quantized_module_names, prepare_qat_, save_qat_model, select_qat_modules
@@ -144,12 +145,8 @@ class QATCallback(TrainerCallback, ExportableState):
             )
         select_qat_modules(unwrap_model(model), self.config)  # scheme/group-size/target errors before any step
         if self.save_quantized and state.is_world_process_zero:
-            target = _resolve_dir(args.output_dir, self.output_dir, "quantized")
-            if target.is_dir() and any(target.iterdir()) and not self.overwrite:
-                raise FileExistsError(
-                    f"QATCallback would write the quantized model to {str(target)!r}, which is not empty; pass "
-                    "overwrite=True or another output_dir."
-                )
+            # refuses a non-empty folder now, before any step, rather than after the last one
+            check_output_dir(_resolve_dir(args.output_dir, self.output_dir, "quantized"), self.overwrite)
         if state.global_step >= self.start_step:
             # start_step=0, or a resumed run already past start_step: the checkpoint holds plain Linear weights.
             self._insert(model, state.global_step)

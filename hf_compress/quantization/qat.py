@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 from torch import nn
 from transformers.utils import logging
 
 from ..utils import find_linear_modules, require_backend, unwrap_model
 from ..utils.modules import LINEAR_TYPES
+from ..utils.output import check_output_dir, prepare_output_dir
 from .config import QATConfig
 
 logger = logging.get_logger(__name__)
@@ -138,10 +138,6 @@ def convert_qat_(model: nn.Module, config: QATConfig | None = None) -> list[str]
     return sorted(names)
 
 
-def _is_non_empty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())
-
-
 def save_qat_model(
     model: nn.Module,
     output_dir: str | os.PathLike,
@@ -183,9 +179,7 @@ def save_qat_model(
             f"save_qat_model needs a transformers PreTrainedModel (to reload it with TorchAoConfig), got "
             f"{type(model).__name__}."
         )
-    output_dir = Path(output_dir)
-    if _is_non_empty_dir(output_dir) and not overwrite:
-        raise FileExistsError(f"output_dir={str(output_dir)!r} exists and is not empty; pass overwrite=True.")
+    output_dir = check_output_dir(output_dir, overwrite)
 
     names = quantized_module_names or fake_quantized_module_names(model)
     if not names:
@@ -203,7 +197,7 @@ def save_qat_model(
             dtype=model.dtype,
             device_map="cpu",
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
+    prepare_output_dir(output_dir, overwrite)
     quantized.save_pretrained(output_dir)
     if processing_class is not None:
         processing_class.save_pretrained(output_dir)

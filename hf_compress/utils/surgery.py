@@ -8,8 +8,10 @@ Hugging Face models so that the result still loads with a stock `from_pretrained
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -255,6 +257,20 @@ def prune_ffn_neurons_(block: nn.Module, layout: BlockLayout, keep: torch.Tensor
         mlp.intermediate_size = int(keep.numel())
 
 
+@torch.no_grad()
+def keep_strongest_ffn_neurons_(
+    block: nn.Module,
+    layout: BlockLayout,
+    intermediate_size: int,
+    norm: str = "l2",
+    activation_norms: torch.Tensor | None = None,
+) -> None:
+    """Keep the `intermediate_size` FFN neurons of `block` that [`ffn_neuron_importance`] scores highest, in place
+    (ties keep the lower index)."""
+    scores = ffn_neuron_importance(block, layout, norm=norm, activation_norms=activation_norms)
+    prune_ffn_neurons_(block, layout, torch.argsort(scores, descending=True, stable=True)[:intermediate_size])
+
+
 def query_head_importance(
     block: nn.Module,
     layout: BlockLayout,
@@ -347,3 +363,19 @@ def subset_per_layer_config_(config, keep: Sequence[int], num_layers_before: int
         if isinstance(values, (list, tuple)) and len(values) == num_layers_before:
             setattr(config, key, [values[i] for i in keep])
     config.num_hidden_layers = len(keep)
+
+
+def validate_config_change(config, argument: str, **changes: Any) -> None:
+    """Raise a `ValueError` naming `argument` if the model's own config class rejects `changes` (e.g. Llama requires
+    `hidden_size % num_attention_heads == 0` even with an explicit `head_dim`), so it fails before any surgery."""
+    candidate = copy.deepcopy(config)
+    for key, value in changes.items():
+        setattr(candidate, key, value)
+    validate = getattr(candidate, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except Exception as e:  # the strict-dataclass error wraps the model's ValueError
+        cause = e.__cause__ or e
+        raise ValueError(f"{argument}: {type(config).__name__} rejects {changes}: {cause}") from e

@@ -1,0 +1,89 @@
+"""The data a recipe names: its `dataset` field loaded as a `DatasetDict` and tokenized for the stages."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from transformers.utils import logging
+
+from ..errors import UnavailableError
+from .recipe import Recipe
+
+logger = logging.get_logger(__name__)
+
+
+def load_dataset_splits(spec: Mapping[str, Any]):
+    """The raw `DatasetDict` a recipe's `dataset` field names (before tokenization).
+
+    The embedded phishing URLs (`name: phishing`) or a CSV (`path:`) come with `train` / `validation` / `test` splits
+    and `text` / `label` columns. A hub dataset (`hub:`) without `text_column` / `label_column` gets them named the
+    same way (`labels` -> `label`; `url`, `sentence` or `content` -> `text`), and a held-out split carved from `train`
+    (seeded, 70/15/15) when it has neither `test` nor `validation` and no `eval_split` is given.
+
+    Raises:
+        UnavailableError: the hub dataset could not be loaded (no network, wrong name).
+    """
+    seed = spec.get("seed", 42)
+    if "name" in spec or "path" in spec:
+        from ..data import load_phishing_dataset
+
+        return load_phishing_dataset(spec.get("path"), seed=seed, max_examples=spec.get("max_examples"))
+    from datasets import DatasetDict, load_dataset
+
+    try:
+        data = load_dataset(spec["hub"])
+    except Exception as err:  # offline errors come as ConnectionError, OSError, HF hub errors, ...
+        raise UnavailableError(
+            f"dataset.hub={spec['hub']!r} could not be loaded from the Hugging Face Hub ({type(err).__name__}: "
+            f"{err}). Without network access, use the phishing URL data embedded in hf_compress (recipe: "
+            "`dataset: {name: phishing}`; `hf-compress demo`: leave out --dataset)."
+        ) from err
+    if "text_column" not in spec and "label_column" not in spec:
+        data = DatasetDict({k: _text_and_label(v, spec["hub"]) for k, v in data.items()})
+    if "test" not in data and "validation" not in data and "eval_split" not in spec and "train" in data:
+        held = data["train"].train_test_split(test_size=0.3, seed=seed)
+        rest = held["test"].train_test_split(test_size=0.5, seed=seed)
+        data = DatasetDict({"train": held["train"], "validation": rest["train"], "test": rest["test"]})
+    if spec.get("max_examples"):
+        data = DatasetDict(
+            {k: v.shuffle(seed=seed).select(range(min(len(v), spec["max_examples"]))) for k, v in data.items()}
+        )
+    return data
+
+
+def _text_and_label(ds, name: str):
+    if "labels" in ds.column_names and "label" not in ds.column_names:
+        ds = ds.rename_column("labels", "label")
+    if "text" not in ds.column_names:
+        text_cols = [c for c in ds.column_names if c in ("url", "sentence", "content")]
+        if not text_cols:
+            raise ValueError(f"dataset.hub={name!r} needs a text column (set text_column), has {ds.column_names}.")
+        ds = ds.rename_column(text_cols[0], "text")
+    return ds
+
+
+def _load_data(recipe: Recipe, tokenizer):
+    spec = recipe.dataset
+    data = load_dataset_splits(spec)
+    text_col, label_col = spec.get("text_column", "text"), spec.get("label_column", "label")
+    train_split = spec.get("train_split", "train")
+    eval_split = spec.get("eval_split") or ("test" if "test" in data else "validation")
+    for split in (train_split, eval_split):
+        if split not in data:
+            raise ValueError(f"dataset: split {split!r} not found; splits: {list(data)}.")
+    max_length = spec.get("max_length", 128)
+
+    def encode(batch):
+        enc = tokenizer(batch[text_col], truncation=True, max_length=max_length)
+        enc["labels"] = batch[label_col]
+        return enc
+
+    encoded = {}
+    for split in (train_split, eval_split):
+        ds = data[split]
+        encoded[split] = ds.map(encode, batched=True, remove_columns=ds.column_names)
+    return encoded[train_split], encoded[eval_split]
+
+
+__all__ = ["load_dataset_splits"]

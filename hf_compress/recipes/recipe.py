@@ -1,0 +1,337 @@
+"""What a recipe is: [`Recipe`] and its [`Stage`]s, read and validated by [`load_recipe`] before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers.utils import logging
+
+from ..errors import RecipeError
+from .fields import _check_fields, _dataclass_hints, _did_you_mean, _signature_hints
+
+logger = logging.get_logger(__name__)
+
+
+STAGE_TYPES = ("finetune", "distill", "prune", "structured_prune", "quantize", "qat")
+# Stage keys every stage accepts, and the keys per stage type.
+_COMMON_STAGE_KEYS = {"type", "name", "report_name"}
+_STAGE_KEYS = {
+    "finetune": {"args", "distill_from_teacher"},
+    "distill": {"student", "args"},
+    "prune": {"structured", "config", "args", "distill_from_teacher"},
+    "structured_prune": {"config", "args", "distill_from_teacher"},
+    "quantize": {"config", "storage_dtype"},
+    "qat": {"config", "args", "distill_from_teacher"},
+}
+_TOP_LEVEL_KEYS = {"model", "teacher", "tokenizer", "dataset", "output_dir", "overwrite", "report", "stages"}
+_DATASET_KEYS = {
+    "name",
+    "path",
+    "hub",
+    "text_column",
+    "label_column",
+    "max_length",
+    "max_examples",
+    "seed",
+    "train_split",
+    "eval_split",
+}
+_REPORT_KEYS = {"batch_size", "max_eval_batches", "latency_batches", "warmup", "include_input"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the recipe
+
+
+@dataclass
+class Stage:
+    """One stage of a [`Recipe`]: its type, folder name and the fields of the library config it maps onto."""
+
+    type: str
+    name: str
+    index: int
+    student: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] | None = None
+    distill_from_teacher: bool = False
+    storage_dtype: str | None = None
+    structured: dict[str, Any] = field(default_factory=dict)
+    report_name: str | None = None
+
+    @property
+    def row_name(self) -> str:
+        """The stage's row in the report."""
+        return self.report_name or self.name
+
+    @property
+    def label(self) -> str:
+        return f"stage {self.index} ({self.name!r}, type {self.type!r})"
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.index + 1}_{self.name}"
+
+
+@dataclass
+class Recipe:
+    """A validated recipe; build it with [`load_recipe`] (from a file or a dict) and run it with [`run_recipe`].
+
+    Args:
+        model (`str`): input model folder or hub name.
+        stages (`list[Stage]`): the stages, in order.
+        output_dir (`str`): folder of the stage outputs.
+        dataset (`dict`): `name: phishing` (embedded), `path: file.csv` or `hub: name`, plus `text_column`,
+            `label_column`, `max_length`, `max_examples`, `seed`, `train_split`, `eval_split`.
+        teacher (`str`, *optional*): teacher of `distill` stages (default: `model`).
+        tokenizer (`str`, *optional*): tokenizer folder or name (default: `model`).
+        overwrite (`bool`): replace existing stage folders.
+        report (`dict`): [`compression_report`] settings: `batch_size`, `max_eval_batches`, `latency_batches`, `warmup`;
+            `include_input: false` leaves the input model out of the table (its first row is then the first stage).
+
+    >>> recipe = load_recipe({"model": "teacher", "output_dir": "out", "stages": [{"type": "quantize"}]})
+    >>> recipe.stages[0].folder_name
+    '1_quantize'
+    """
+
+    model: str
+    stages: list[Stage]
+    output_dir: str
+    dataset: dict[str, Any] = field(default_factory=lambda: {"name": "phishing"})
+    teacher: str | None = None
+    tokenizer: str | None = None
+    overwrite: bool = False
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def stage_dirs(self) -> dict[str, Path]:
+        return {s.name: Path(self.output_dir) / s.folder_name for s in self.stages}
+
+
+def _training_class(stage: Stage):
+    from transformers import TrainingArguments
+
+    if stage.type == "distill" or stage.distill_from_teacher:
+        from ..distillation import DistillationConfig
+
+        return DistillationConfig
+    return TrainingArguments
+
+
+def _validate_stage(stage: Stage, output_dir: str) -> None:
+    """Type-check every field, then build every config so its own bound checks run now."""
+    where = stage.label
+    if stage.type == "distill":
+        from ..distillation.student import create_student
+
+        _check_fields(where, "student", stage.student, _signature_hints(create_student))
+    elif stage.type in ("prune", "structured_prune"):
+        from ..pruning import PruningConfig
+        from ..pruning.structured import StructuredPruningConfig
+
+        if stage.structured:
+            _check_fields(where, "structured", stage.structured, _dataclass_hints(StructuredPruningConfig))
+            _build(where, "structured", lambda: StructuredPruningConfig(**stage.structured))
+        cls = PruningConfig if stage.type == "prune" else StructuredPruningConfig
+        _check_fields(where, "config", stage.config, _dataclass_hints(cls))
+        _build(where, "config", lambda: cls(**stage.config))
+    elif stage.type == "quantize":
+        from ..quantization.ptq import build_quantization_config, quantize_model
+
+        hints = _signature_hints(quantize_model)
+        hints.pop("device_map", None)
+        _check_fields(where, "config", stage.config, hints)
+        keys = ("method", "llm_int8_threshold", "group_size", "compute_dtype", "double_quant")
+        kwargs = {k: v for k, v in stage.config.items() if k in keys}
+        _build(where, "config", lambda: build_quantization_config(kwargs.pop("method", "nf4"), **kwargs))
+    elif stage.type == "qat":
+        from ..quantization import QATCallback, QATConfig
+
+        hints = _signature_hints(QATCallback.__init__)
+        hints.pop("save_quantized", None)
+        _check_fields(where, "config", stage.config, hints)
+        qat_keys = {f.name for f in dataclasses.fields(QATConfig)}
+        _build(where, "config", lambda: QATConfig(**{k: v for k, v in stage.config.items() if k in qat_keys}))
+        if stage.args is None:
+            raise RecipeError(f"{where}: field 'args' is required: quantization-aware training is a Trainer run.")
+    if stage.args is not None:
+        cls = _training_class(stage)
+        hints = _dataclass_hints(cls)
+        hints.pop("output_dir", None)
+        _check_fields(where, "args", stage.args, hints)
+        _build(where, "args", lambda: cls(output_dir=output_dir, **stage.args))
+
+
+def _build(where: str, section: str, make: Callable[[], Any]) -> Any:
+    try:
+        return make()
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{where}: field {section!r}: {err}") from err
+
+
+def load_recipe(source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> Recipe:
+    """Read (YAML or JSON file, or a dict) and validate a whole recipe; nothing is trained or written.
+
+    Args:
+        source (`str`, `os.PathLike` or `dict`): the recipe file or its content.
+        overrides: top-level fields replacing the file's (e.g. `output_dir=...`, `overwrite=True`); `None` values
+            are ignored.
+
+    Raises:
+        `RecipeError` (a `ValueError`): an unknown stage type, unknown field or wrongly typed value, or a value a
+            config rejects, naming the stage (index and name) and the field.
+    """
+    data = _read_recipe(source)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    dataset, report = _check_top_level(data)
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise RecipeError("recipe: field 'stages' must be a non-empty list of stages.")
+    stages: list[Stage] = []
+    for index, raw in enumerate(raw_stages):
+        stage = _parse_stage(index, raw, {s.name for s in stages})
+        quantized = [s for s in stages if s.type in ("quantize", "qat")]
+        if quantized:
+            raise RecipeError(
+                f"{stage.label}: comes after the quantization stage {quantized[0].index}; quantization must be the "
+                "last stage."
+            )
+        stages.append(stage)
+    if any(s.distill_from_teacher for s in stages) and not any(s.type == "distill" for s in stages):
+        if not data.get("teacher"):
+            bad = next(s for s in stages if s.distill_from_teacher)
+            raise RecipeError(
+                f"{bad.label}: field 'distill_from_teacher' needs a teacher: a 'distill' stage before it or a "
+                "top-level 'teacher'."
+            )
+    recipe = Recipe(
+        model=data["model"],
+        stages=stages,
+        output_dir=data["output_dir"],
+        dataset=dict(dataset),
+        teacher=data.get("teacher"),
+        tokenizer=data.get("tokenizer"),
+        overwrite=data.get("overwrite", False),
+        report=dict(report),
+    )
+    for stage in stages:
+        _validate_stage(stage, str(Path(recipe.output_dir) / stage.folder_name))
+        if stage.distill_from_teacher and not any(s.type == "distill" for s in stages[: stage.index]):
+            if not recipe.teacher:
+                raise RecipeError(f"{stage.label}: field 'distill_from_teacher' needs an earlier 'distill' stage.")
+    return recipe
+
+
+def _read_recipe(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe: no file at {str(path)!r}.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import yaml
+
+        data = yaml.safe_load(text)
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"recipe: {str(path)!r} must hold a mapping with 'model', 'output_dir' and 'stages'.")
+    return dict(data)
+
+
+def _check_top_level(data: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """Check the top-level fields; returns the dataset and report settings."""
+    unknown = set(data) - _TOP_LEVEL_KEYS
+    if unknown:
+        key = sorted(unknown)[0]
+        raise RecipeError(
+            f"recipe: unknown field {key!r}; allowed: {sorted(_TOP_LEVEL_KEYS)}." + _did_you_mean(key, _TOP_LEVEL_KEYS)
+        )
+    for key in ("model", "output_dir"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise RecipeError(f"recipe: field {key!r} is required and must be a string, got {data.get(key)!r}.")
+    for key in ("teacher", "tokenizer"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise RecipeError(f"recipe: field {key!r} must be a string, got {data[key]!r}.")
+    if not isinstance(data.get("overwrite", False), bool):
+        raise RecipeError(f"recipe: field 'overwrite' must be true or false, got {data['overwrite']!r}.")
+    dataset = data.get("dataset") or {"name": "phishing"}
+    if not isinstance(dataset, Mapping):
+        raise RecipeError(f"recipe: field 'dataset' must be a mapping, got {dataset!r}.")
+    for key in dataset:
+        if key not in _DATASET_KEYS:
+            raise RecipeError(
+                f"recipe: unknown field dataset.{key!r}; allowed: {sorted(_DATASET_KEYS)}."
+                + _did_you_mean(key, _DATASET_KEYS)
+            )
+    if sum(k in dataset for k in ("name", "path", "hub")) != 1:
+        raise RecipeError("recipe: field 'dataset' needs exactly one of 'name' (phishing), 'path' or 'hub'.")
+    if "name" in dataset and dataset["name"] != "phishing":
+        raise RecipeError(f"recipe: dataset.name={dataset['name']!r}; the embedded dataset is 'phishing'.")
+    report = data.get("report") or {}
+    if not isinstance(report, Mapping) or any(k not in _REPORT_KEYS for k in report):
+        raise RecipeError(f"recipe: field 'report' accepts {sorted(_REPORT_KEYS)}, got {report!r}.")
+    if not isinstance(report.get("include_input", True), bool):
+        raise RecipeError(
+            f"recipe: field report.include_input must be true or false, got {report['include_input']!r}."
+        )
+    return dataset, report
+
+
+def _parse_stage(index: int, raw: Any, names: set[str]) -> Stage:
+    """One stage from its mapping: type, name and the fields its type accepts (values are checked later)."""
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"stage {index}: must be a mapping with a 'type', got {raw!r}.")
+    stage_type = raw.get("type")
+    name = raw.get("name", stage_type)
+    where = f"stage {index} ({name!r})"
+    if stage_type not in STAGE_TYPES:
+        raise RecipeError(
+            f"{where}: unknown stage type {stage_type!r}; allowed: {list(STAGE_TYPES)}."
+            + _did_you_mean(stage_type, STAGE_TYPES)
+        )
+    if not isinstance(name, str) or not name or "/" in name or name in names:
+        raise RecipeError(f"{where}: field 'name' must be a unique folder-safe string, got {name!r}.")
+    allowed = _COMMON_STAGE_KEYS | _STAGE_KEYS[stage_type]
+    for key in raw:
+        if key not in allowed:
+            raise RecipeError(
+                f"stage {index} ({name!r}, type {stage_type!r}): unknown field {key!r}; allowed: {sorted(allowed)}."
+                + _did_you_mean(key, allowed)
+            )
+    for section in ("student", "config", "args", "structured"):
+        if raw.get(section) is not None and not isinstance(raw[section], Mapping):
+            label = f"stage {index} ({name!r}, type {stage_type!r})"
+            raise RecipeError(f"{label}: field {section!r} must be a mapping, got {raw[section]!r}.")
+    stage = Stage(
+        type=stage_type,
+        name=name,
+        index=index,
+        student=dict(raw.get("student") or {}),
+        config=dict(raw.get("config") or {}),
+        args=dict(raw["args"]) if raw.get("args") is not None else None,
+        distill_from_teacher=raw.get("distill_from_teacher", False),
+        storage_dtype=raw.get("storage_dtype"),
+        structured=dict(raw.get("structured") or {}),
+        report_name=raw.get("report_name"),
+    )
+    if stage.storage_dtype not in (None, "float32", "bfloat16", "float16"):
+        raise RecipeError(
+            f"{stage.label}: field 'storage_dtype'={stage.storage_dtype!r}; allowed: float32, bfloat16, float16 "
+            "(dtype of the weights the quantization leaves unquantized: embeddings, norms, skipped layers)."
+        )
+    if not isinstance(stage.distill_from_teacher, bool):
+        raise RecipeError(f"{stage.label}: field 'distill_from_teacher' must be true or false.")
+    if stage.report_name is not None and (not isinstance(stage.report_name, str) or not stage.report_name):
+        raise RecipeError(f"{stage.label}: field 'report_name' must be a non-empty string, got {stage.report_name!r}.")
+    if stage.type == "distill" and stage.args is None:
+        stage.args = {}
+    return stage
+
+
+__all__ = ["Recipe", "STAGE_TYPES", "Stage", "load_recipe"]
