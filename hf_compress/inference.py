@@ -388,7 +388,9 @@ class StaticCacheDecoder:
         self.max_cache_len = max_cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self._cache_kwarg = _cache_kwarg(model)
-        self.runner = CUDAGraphRunner(model.forward, max_graphs=2, backend=backend, allow_objects=True) if cuda_graphs else None
+        self.runner = (
+            CUDAGraphRunner(model.forward, max_graphs=2, backend=backend, allow_objects=True) if cuda_graphs else None
+        )
         self._length = 0
 
     def _forward(self, input_ids: torch.Tensor, step: bool):
