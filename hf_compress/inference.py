@@ -353,7 +353,7 @@ def capture_cuda_graphs_(model: nn.Module, **runner_kwargs) -> CUDAGraphRunner:
 
 def _cache_kwarg(model: nn.Module) -> str:
     """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name is deprecated)."""
-    parameters = inspect.signature(model.forward).parameters
+    parameters = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
@@ -387,9 +387,15 @@ class StaticCacheDecoder:
         self.model = model
         self.max_cache_len = max_cache_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        # A forward already routed through a CUDAGraphRunner (capture_cuda_graphs_, accelerate_sparse_inference_) is
+        # unwrapped: this decoder captures its own graph, with the cache.
+        forward = model.__dict__.get("forward")
+        self._model_forward = forward.fn if isinstance(forward, CUDAGraphRunner) else model.forward
         self._cache_kwarg = _cache_kwarg(model)
         self.runner = (
-            CUDAGraphRunner(model.forward, max_graphs=2, backend=backend, allow_objects=True) if cuda_graphs else None
+            CUDAGraphRunner(self._model_forward, max_graphs=2, backend=backend, allow_objects=True)
+            if cuda_graphs
+            else None
         )
         self._length = 0
 
@@ -397,7 +403,7 @@ class StaticCacheDecoder:
         kwargs = {"input_ids": input_ids, self._cache_kwarg: self.cache, "use_cache": True, "logits_to_keep": 1}
         if step and self.runner is not None:
             return self.runner(**kwargs)
-        return self.model(**kwargs)
+        return self._model_forward(**kwargs)
 
     def _cache_state(self) -> list[tuple[Any, str, torch.Tensor]]:
         state = []
