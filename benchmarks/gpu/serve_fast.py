@@ -183,7 +183,7 @@ def bench_prefill(bench: Bench, section: str, dense: nn.Module, variants: dict, 
                 try:
                     out = fn(ids).logits  # first call: captures where graphed
                     row["agreement"][name] = logits_agreement(reference[:, -1], out[:, -1])
-                    fns[name] = lambda fn=fn: fn(ids)
+                    fns[name] = lambda fn=fn, ids=ids: fn(ids)
                 except Exception as err:  # noqa: BLE001 - a variant the stack cannot run is recorded, not fatal
                     row["errors"][name] = error_record(err)
                     traceback.print_exc(limit=3)
@@ -244,7 +244,7 @@ def section_prefill_sparse(bench: Bench, master: nn.Module, token_shapes, vocab:
     bench.save()
     # f. torch.compile(mode="reduce-overhead") on the 2:4 model, at the smallest shape, if there is time for it.
     bench._compile_target = sparse_new
-    del sparse_old, dense_graph
+    variants.clear()
     free()
 
 
@@ -432,7 +432,7 @@ def section_decode_synthetic(bench: Bench, master: nn.Module, vocab: int) -> Non
     else:
         bench.section("c_decode_batch1")["skipped_variants"] = "int4 tinygemm, 2:4, 2:4+fp8: CUDA kernels only"
     bench_decode(bench, "c_decode_batch1", builders, vocab, "bf16 graphs")
-    del base
+    builders.clear()
     free()
 
 
@@ -514,13 +514,14 @@ def section_linear(bench: Bench) -> None:
             with torch.inference_mode():
                 diff = (dense(x) - sparse_graph(x)).abs().max().item()
                 reps = 50 if rows <= 256 else 10
+                fns = {
+                    "dense eager": dense,
+                    "dense graph": dense_graph,
+                    "2:4 eager": sparse,
+                    "2:4 graph": sparse_graph,
+                }
                 t = interleaved_ms(
-                    {
-                        "dense eager": lambda: dense(x),
-                        "dense graph": lambda: dense_graph(x),
-                        "2:4 eager": lambda: sparse(x),
-                        "2:4 graph": lambda: sparse_graph(x),
-                    },
+                    {name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()},
                     rounds=bench.args.rounds,
                     warmup=1,
                     reps=reps,
@@ -540,7 +541,7 @@ def section_linear(bench: Bench) -> None:
                 f"linear {out_f}x{in_f} rows {rows}: dense {t['dense eager']:.4f}/{t['dense graph']:.4f} ms, "
                 f"2:4 {t['2:4 eager']:.4f}/{t['2:4 graph']:.4f} ms -> {entry['speedup_graph_vs_best_dense']:.2f}x"
             )
-        del dense, sparse, dense_graph, sparse_graph, holder
+        dense = sparse = dense_graph = sparse_graph = holder = None
         free()
 
 
@@ -665,8 +666,8 @@ def part_smollm2(bench: Bench) -> None:
         [(batch, window)],
         vocab,
     )
-    del dense, dense_graph, sparse
     variants.clear()
+    dense = dense_graph = sparse = None
     free()
 
     # e2. batch-1 decoding: bf16 vs the int4 export (saved, reloaded) vs bitsandbytes.
