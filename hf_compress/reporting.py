@@ -49,6 +49,8 @@ class ReportRow:
         latency_device (`str`, *optional*): where latency was measured.
         metrics (`dict[str, float]`): task metrics (accuracy, precision, recall, f1 or perplexity).
         methods (`list[str]`): compression methods applied, as given by the caller.
+        decode_tokens_per_s (`float`, *optional*): batch-1 greedy decoding speed ([`StaticCacheDecoder`]: static KV
+            cache, CUDA graphs on a GPU), measured on `latency_device`.
     """
 
     name: str
@@ -60,6 +62,7 @@ class ReportRow:
     latency_device: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     methods: list[str] = field(default_factory=list)
+    decode_tokens_per_s: float | None = None
 
     @property
     def sparsity(self) -> float:
@@ -145,6 +148,8 @@ class CompressionReport:
         """A Markdown table: one row per model, ratio columns relative to the first model."""
         metric_names = self.metric_names
         header = ["model", "params", "non-zero", "MB on disk", "x smaller", "bits/param", "MB in memory", "latency ms"]
+        decode = any(row.decode_tokens_per_s is not None for row in self.rows)
+        header += ["decode tok/s"] if decode else []
         header += metric_names
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         for row, ratio in zip(self.rows, self.ratios()):
@@ -158,6 +163,8 @@ class CompressionReport:
                 f"{row.memory_bytes / _MB:.2f}",
                 f"{row.latency_ms:.1f}" if row.latency_ms is not None else "-",
             ]
+            if decode:
+                cells.append(f"{row.decode_tokens_per_s:.1f}" if row.decode_tokens_per_s is not None else "-")
             for name in metric_names:
                 value = row.metrics.get(name)
                 cells.append("-" if value is None else (f"{value:.2f}" if name == "perplexity" else f"{value:.4f}"))
@@ -487,6 +494,7 @@ def compression_report(
     max_length: int | None = None,
     methods: Mapping[str, Sequence[str]] | None = None,
     device: str | torch.device | None = None,
+    decode_tokens: int = 0,
 ) -> CompressionReport:
     """Measure models side by side: parameters, non-zeros, bytes on disk, memory, bits per parameter, latency and
     task metrics.
@@ -516,6 +524,9 @@ def compression_report(
         methods (`dict[str, list[str]]`, *optional*): compression methods applied per model name, kept in the report.
         device (`str` or `torch.device`, *optional*): device for models loaded from a path (default: CPU, or the GPU
             for quantized checkpoints when one is present). Modules are measured where they are.
+        decode_tokens (`int`, *optional*, defaults to 0): causal LMs: when > 0, also measure batch-1 greedy decoding
+            of this many tokens per run (tokens/s, [`~hf_compress.decode_tokens_per_second`]: static KV cache, CUDA
+            graphs on a GPU), the serving figure 4-bit weights improve.
 
     Returns:
         [`CompressionReport`]
@@ -533,7 +544,8 @@ def compression_report(
         raise ValueError("models: pass at least one model (name -> module or path).")
     if task is not None and task not in TASKS:
         raise ValueError(f"task={task!r} is not supported; allowed: {list(TASKS)} or None (inferred).")
-    for name, value in (("batch_size", batch_size), ("latency_batches", latency_batches), ("warmup", warmup)):
+    checks = (("batch_size", batch_size), ("latency_batches", latency_batches), ("warmup", warmup))
+    for name, value in checks + (("decode_tokens", decode_tokens),):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
             raise ValueError(f"{name}={value!r} must be an integer >= {1 if name == 'batch_size' else 0}.")
     methods = methods or {}
@@ -579,6 +591,11 @@ def compression_report(
                 row.latency_device = str(_model_device(model))
             if task is not None or compute_metrics is not None:
                 row.metrics = evaluate_model(model, batches, task or "classification", compute_metrics)
+        if decode_tokens and (task or infer_report_task(model)) == "causal-lm":
+            from .inference import decode_tokens_per_second
+
+            row.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=decode_tokens)
+            row.latency_device = str(_model_device(model))
         logger.info(f"compression_report: {name}: {row.to_dict()}")
         rows.append(row)
     return CompressionReport(rows=rows, task=task)

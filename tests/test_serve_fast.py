@@ -20,6 +20,7 @@ from hf_compress import (
     StaticCacheDecoder,
     accelerate_sparse_inference_,
     capture_cuda_graphs_,
+    compression_report,
     decode_tokens_per_second,
     plan_sparse_inference,
     prune_,
@@ -223,6 +224,17 @@ def test_static_cache_decoder_rejects_bad_use():
 def test_decode_tokens_per_second_is_measured():
     speed = decode_tokens_per_second(tiny_llama().eval(), prompt_length=4, new_tokens=4, repeats=1)
     assert speed > 0
+
+
+def test_compression_report_shows_decode_speed():
+    model = tiny_llama().eval()
+    report = compression_report({"llama": model, "again": model}, decode_tokens=4)
+    assert all(row.decode_tokens_per_s > 0 for row in report.rows)
+    assert "decode tok/s" in report.to_markdown() and report.to_dict()["rows"][0]["decode_tokens_per_s"] > 0
+    plain = compression_report({"llama": model})
+    assert plain["llama"].decode_tokens_per_s is None and "decode tok/s" not in plain.to_markdown()
+    with pytest.raises(ValueError, match="decode_tokens"):
+        compression_report({"llama": model}, decode_tokens=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
