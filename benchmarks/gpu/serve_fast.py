@@ -313,7 +313,9 @@ def to_bitsandbytes_(model: nn.Module, kind: str) -> nn.Module:
                 quant_type="nf4",
                 device="meta",
             )
-            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, compress_statistics=True, quant_type="nf4", module=new
+            )
         else:
             new = bnb.nn.Linear8bitLt(
                 module.in_features,
@@ -677,9 +679,22 @@ def part_smollm2(bench: Bench) -> None:
 
     def int4_export():
         tmp = tempfile.mkdtemp(prefix="serve_fast_int4_")
-        quantize_model(base, "torchao-int4-cuda", group_size=64, output_dir=tmp, overwrite=True)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map={"": 0}).eval()
+        quantized = quantize_model(base, "torchao-int4-cuda", group_size=64, output_dir=tmp, overwrite=True)
         export["disk_mb"] = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors")) / 1e6
+        try:  # the export must reload with stock from_pretrained and compute the same logits
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, device_map={"": 0}).eval()
+            probe = windows[:1, :64].to(bench.device) if windows is not None else torch.arange(64)[None].cuda()
+            with torch.inference_mode():
+                export["reload_max_abs_logit_diff"] = (
+                    (reloaded(input_ids=probe).logits.float() - quantized(input_ids=probe).logits.float())
+                    .abs()
+                    .max()
+                    .item()
+                )
+        except Exception as err:  # noqa: BLE001
+            export["reload_error"] = error_record(err)
+            traceback.print_exc(limit=3)
+            reloaded = quantized
         if windows is not None:
             export["perplexity_int4"] = perplexity(
                 lambda ids: reloaded(input_ids=ids, use_cache=False), windows.to(bench.device), batch
