@@ -274,14 +274,15 @@ def _graph_time_ms(fn, replays: int = 20) -> float:
     return start.elapsed_time(end) / replays
 
 
-@torch.inference_mode()
 def _measure_shape(weight: torch.Tensor, config: SparseInferenceConfig) -> tuple[dict, dict]:
-    sparse = _sparse_linear_like(weight, config.weight_format)
+    with torch.no_grad():  # built outside inference mode, as accelerate_sparse_inference_ builds the real layers
+        sparse = _sparse_linear_like(weight, config.weight_format)
     dense_ms, sparse_ms = {}, {}
-    for tokens in config.tokens:
-        x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
-        dense_ms[tokens] = _graph_time_ms(lambda x=x: torch.nn.functional.linear(x, weight))
-        sparse_ms[tokens] = _graph_time_ms(lambda x=x: sparse(x))
+    with torch.inference_mode():
+        for tokens in config.tokens:
+            x = torch.randn(tokens, weight.shape[1], device=weight.device, dtype=weight.dtype)
+            dense_ms[tokens] = _graph_time_ms(lambda x=x: torch.nn.functional.linear(x, weight))
+            sparse_ms[tokens] = _graph_time_ms(lambda x=x: sparse(x))
     return dense_ms, sparse_ms
 
 
