@@ -286,6 +286,32 @@ def test_layers_the_kernels_cannot_take_stay_dense_with_a_warning():
     )
 
 
+def test_measured_policy_decides_per_shape_from_the_slowest_token_count(monkeypatch):
+    # Timings stand in for the GPU measurement (ms at 256 / 2048 rows per weight shape (out, in)).
+    timings = {
+        (128, 128): ({256: 1.0, 2048: 4.0}, {256: 0.8, 2048: 3.0}),  # 1.25x, 1.33x: sparse
+        (64, 128): ({256: 1.0, 2048: 4.0}, {256: 1.2, 2048: 2.0}),  # 0.83x at 256 rows: dense
+        (256, 128): ({256: 1.0, 2048: 4.0}, {256: 0.97, 2048: 3.9}),  # 1.03x < min_speedup 1.05: dense
+        (128, 256): ({256: 1.0, 2048: 4.0}, {256: 0.5, 2048: 2.0}),  # 2x: sparse
+    }
+    calls = []
+
+    def fake_measure(weight, config):
+        calls.append(tuple(weight.shape))
+        return timings[tuple(weight.shape)]
+
+    monkeypatch.setattr(semi_structured, "_require_cuda_layers", lambda modules: None)
+    monkeypatch.setattr(semi_structured, "_measure_shape", fake_measure)
+    plan = plan_sparse_inference(_pruned_llama(), SparseInferenceConfig(policy="measure", tokens=[256, 2048]))
+    assert sorted(calls) == sorted(timings)  # each distinct shape measured once, not once per layer
+    decided = {d.name.rsplit(".", 1)[1]: d for d in plan.layers if d.name.startswith("model.layers.0.")}
+    assert decided["q_proj"].sparse and decided["down_proj"].sparse
+    assert not decided["k_proj"].sparse and "0.83x at 256" in decided["k_proj"].reason
+    assert not decided["up_proj"].sparse and "< min_speedup" in decided["up_proj"].reason
+    assert decided["q_proj"].speedups == {256: pytest.approx(1.25), 2048: pytest.approx(4 / 3)}
+    assert plan.to_dict()["layers"][0]["speedups"]
+
+
 def test_hard_shape_constraint_and_fp8_dtype_rule():
     model = nn.ModuleList([nn.Linear(64, 48), nn.Linear(128, 64)]).half()  # 48 rows: not a multiple of 32
     prune_(model, PruningConfig(pattern="2:4"))

@@ -286,6 +286,15 @@ def _measure_shape(weight: torch.Tensor, config: SparseInferenceConfig) -> tuple
     return dense_ms, sparse_ms
 
 
+def _require_cuda_layers(modules: dict[str, nn.Module]) -> None:
+    devices = {weight_as_out_in(m).device.type for m in modules.values()}
+    if devices != {"cuda"} or not torch.cuda.is_available():
+        raise RuntimeError(
+            f"policy='measure' times the matmuls on a CUDA GPU, but the layers are on {sorted(devices)}. Move the "
+            "model to CUDA, or use policy='static' (a rule that needs no GPU)."
+        )
+
+
 @torch.no_grad()
 def plan_sparse_inference(model: nn.Module, config: SparseInferenceConfig | None = None) -> SparseInferencePlan:
     """Decide, layer by layer, which 2:4-pruned Linear layers would run faster sparse (changes nothing).
@@ -312,12 +321,7 @@ def plan_sparse_inference(model: nn.Module, config: SparseInferenceConfig | None
     model = unwrap_model(model)
     modules = find_linear_modules(model, config.target_modules, config.exclude_modules)
     if config.policy == "measure":
-        devices = {weight_as_out_in(m).device.type for m in modules.values()}
-        if devices != {"cuda"} or not torch.cuda.is_available():
-            raise RuntimeError(
-                f"policy='measure' times the matmuls on a CUDA GPU, but the layers are on {sorted(devices)}. Move "
-                "the model to CUDA, or use policy='static' (a rule that needs no GPU)."
-            )
+        _require_cuda_layers(modules)
     row_multiple, col_multiple = _HARD_MULTIPLE[config.weight_format]
     allowed_dtypes = (torch.bfloat16,) if config.weight_format == "2:4-fp8" else _SPARSE_DTYPES
     measured: dict[tuple, tuple[dict, dict]] = {}
