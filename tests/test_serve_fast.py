@@ -311,6 +311,13 @@ def test_measured_policy_decides_per_shape_from_the_slowest_token_count(monkeypa
     assert decided["q_proj"].speedups == {256: pytest.approx(1.25), 2048: pytest.approx(4 / 3)}
     assert plan.to_dict()["layers"][0]["speedups"]
 
+    def failing_measure(weight, config):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(semi_structured, "_measure_shape", failing_measure)
+    failed = plan_sparse_inference(_pruned_llama(), SparseInferenceConfig(policy="measure"))
+    assert failed.sparse_modules == [] and "could not measure" in failed.layers[0].reason
+
 
 def test_hard_shape_constraint_and_fp8_dtype_rule():
     model = nn.ModuleList([nn.Linear(64, 48), nn.Linear(128, 64)]).half()  # 48 rows: not a multiple of 32

@@ -106,6 +106,18 @@ class Bench:
         self.save()
 
 
+def guarded(bench: Bench, name: str, fn, *args) -> None:
+    """Run one section; an exception is recorded in the JSON and the next section still runs."""
+    try:
+        fn(bench, *args)
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        bench.section(name)["error"] = error_record(err)
+        bench.section(name)["traceback"] = traceback.format_exc()[-2000:]
+        bench.save()
+        free()
+
+
 def sync() -> None:
     if has_cuda():
         torch.cuda.synchronize()
@@ -566,13 +578,14 @@ def part_synthetic(bench: Bench) -> None:
     print(
         f"model: {n_params / 1e9:.2f}B parameters, {layers} layers, built + pruned in {bench.payload['build_s']:.1f}s"
     )
-    section_prefill_sparse(bench, master, token_shapes, spec["vocab_size"])
-    section_decode_synthetic(bench, master, spec["vocab_size"])
-    section_combined_prefill(bench, master, token_shapes, spec["vocab_size"])
+    vocab = spec["vocab_size"]
+    guarded(bench, "b_prefill_2to4_fp16", section_prefill_sparse, master, token_shapes, vocab)
+    guarded(bench, "c_decode_batch1", section_decode_synthetic, master, vocab)
+    guarded(bench, "d_prefill_combined_bf16", section_combined_prefill, master, token_shapes, vocab)
     del master
     free()
-    section_linear(bench)
-    section_compile(bench, None, spec["vocab_size"], token_shapes[0][1])
+    guarded(bench, "a_linear_fp16", section_linear)
+    guarded(bench, "f_compile_reduce_overhead", section_compile, None, vocab, token_shapes[0][1])
 
 
 def wikitext_windows(tokenizer, data_dir: str | None, window: int, count: int) -> torch.Tensor | None:

@@ -346,7 +346,13 @@ def plan_sparse_inference(model: nn.Module, config: SparseInferenceConfig | None
         else:
             key = (out_f, in_f, weight.dtype)
             if key not in measured:
-                measured[key] = _measure_shape(weight, config)
+                try:
+                    measured[key] = _measure_shape(weight, config)
+                except Exception as err:  # noqa: BLE001 - a kernel that fails here is not used: the layer stays dense
+                    measured[key] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+            if isinstance(measured[key], str):
+                decision.reason = f"could not measure the 2:4 matmul ({measured[key]})"
+                continue
             decision.dense_ms, decision.sparse_ms = (dict(d) for d in measured[key])
             speedups = decision.speedups
             worst = min(speedups.values())
