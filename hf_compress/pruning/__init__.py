@@ -14,17 +14,27 @@ from .lora import merge_lora_keep_sparsity
 from .report import sparsity_report
 from .schedule import sparsity_at_step
 from .scoring import Scorer, available_scorers, register_scorer
-from .semi_structured import to_semi_structured_sparse_
+from .semi_structured import (
+    SparseInferenceConfig,
+    SparseInferencePlan,
+    accelerate_sparse_inference_,
+    plan_sparse_inference,
+    to_semi_structured_sparse_,
+)
 from .unstructured import compute_masks, make_pruning_permanent_, prune_
 
 __all__ = [
     "PruningCallback",
     "PruningConfig",
     "Scorer",
+    "SparseInferenceConfig",
+    "SparseInferencePlan",
+    "accelerate_sparse_inference_",
     "available_scorers",
     "compute_masks",
     "make_pruning_permanent_",
     "merge_lora_keep_sparsity",
+    "plan_sparse_inference",
     "prune_",
     "register_scorer",
     "sparsity_at_step",

@@ -3,7 +3,7 @@
 
 from .callback import PostTrainingQuantizationCallback, QATCallback
 from .config import QATConfig
-from .ptq import PTQ_METHODS, quantize_model
+from .ptq import PTQ_METHODS, quantize_int4_for_decoding_, quantize_model
 from .qat import convert_qat_, prepare_qat_, save_qat_model
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "QATConfig",
     "convert_qat_",
     "prepare_qat_",
+    "quantize_int4_for_decoding_",
     "quantize_model",
     "save_qat_model",
 ]

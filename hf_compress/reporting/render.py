@@ -35,6 +35,8 @@ class ReportRow:
         latency_device (`str`, *optional*): where latency was measured.
         metrics (`dict[str, float]`): task metrics (accuracy, precision, recall, f1 or perplexity).
         methods (`list[str]`): compression methods applied, as given by the caller.
+        decode_tokens_per_s (`float`, *optional*): batch-1 greedy decoding speed ([`StaticCacheDecoder`]: static KV
+            cache, CUDA graphs on a GPU), measured on `latency_device`.
     """
 
     name: str
@@ -46,6 +48,7 @@ class ReportRow:
     latency_device: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     methods: list[str] = field(default_factory=list)
+    decode_tokens_per_s: float | None = None
 
     @property
     def sparsity(self) -> float:
@@ -131,6 +134,8 @@ class CompressionReport:
         """A Markdown table: one row per model, ratio columns relative to the first model."""
         metric_names = self.metric_names
         header = ["model", "params", "non-zero", "MB on disk", "x smaller", "bits/param", "MB in memory", "latency ms"]
+        decode = any(row.decode_tokens_per_s is not None for row in self.rows)
+        header += ["decode tok/s"] if decode else []
         header += metric_names
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
         for row, ratio in zip(self.rows, self.ratios()):
@@ -144,6 +149,8 @@ class CompressionReport:
                 f"{row.memory_bytes / _MB:.2f}",
                 f"{row.latency_ms:.1f}" if row.latency_ms is not None else "-",
             ]
+            if decode:
+                cells.append(f"{row.decode_tokens_per_s:.1f}" if row.decode_tokens_per_s is not None else "-")
             for name in metric_names:
                 value = row.metrics.get(name)
                 cells.append("-" if value is None else (f"{value:.2f}" if name == "perplexity" else f"{value:.4f}"))
