@@ -8,6 +8,7 @@ The trainer uses `"sum"` and divides by the number of items in the whole (accumu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -434,7 +435,11 @@ class _FusedLinearDistillation(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         chunk_fn = _chunk_losses_for(s_hidden.device)
         n = s_hidden.shape[0]
-        with torch.autocast(s_hidden.device.type, enabled=False):
+        device_type = s_hidden.device.type
+        no_autocast = (
+            torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else None
+        )
+        with no_autocast or contextlib.nullcontext():
             # One cast of each head for the whole call (autocast would cast it per matmul).
             sw = s_weight[:width].to(s_dtype)
             tw = t_weight[:width].to(t_dtype)
@@ -494,6 +499,8 @@ class _FusedLinearDistillation(torch.autograd.Function):
 def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype `nn.Linear` would compute in here: the autocast dtype if autocast is on, else the inputs' dtype."""
     device_type = hidden.device.type
+    if not torch.amp.is_autocast_available(device_type):
+        return torch.promote_types(hidden.dtype, weight.dtype)
     if torch.is_autocast_enabled(device_type) and hidden.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.get_autocast_dtype(device_type)
     return torch.promote_types(hidden.dtype, weight.dtype)
