@@ -100,7 +100,7 @@ def head_parameters(head: OutputHead, *, student: bool) -> tuple[torch.Tensor, t
     """`(weight, bias)` of the head as plain tensors, read after the model's forward.
 
     The teacher's head is gathered where it is sharded (FSDP2 `DTensor`: `full_tensor()`) and dequantized where it
-    is quantized (bitsandbytes 4/8-bit, torchao: PEFT's `dequantize_module_weight`). A student head that is still
+    is quantized (bitsandbytes 4/8-bit, torchao). A student head that is still
     sharded after the forward is refused: its gradient would bypass FSDP2's reduce-scatter.
     """
     module = head.module
@@ -122,11 +122,30 @@ def head_parameters(head: OutputHead, *, student: bool) -> tuple[torch.Tensor, t
     if quantized:
         if student and weight.requires_grad:
             raise UnsupportedHead("the student's output head is quantized and trainable")
-        from peft.utils.integrations import dequantize_module_weight
-
         with torch.no_grad():
-            weight = dequantize_module_weight(module)
+            if bias is None:
+                # The head applied to the identity gives its weight as its own kernel computes it (bitsandbytes,
+                # torchao, whatever layout the quantized data is in, e.g. bitsandbytes' CPU repacking).
+                eye = torch.eye(module.in_features, device=_device_of(module), dtype=_compute_dtype(module))
+                weight = module(eye).t()
+            else:
+                from peft.utils.integrations import dequantize_module_weight
+
+                weight = dequantize_module_weight(module)
     return weight, bias
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    dtype = getattr(module, "compute_dtype", None)  # bitsandbytes
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    quant_state = getattr(module.weight, "quant_state", None)
+    return getattr(quant_state, "dtype", None) or torch.get_default_dtype()
 
 
 class HeadInputCapture:
