@@ -486,3 +486,43 @@ def test_head_input_capture_passes_only_the_last_position():
 def test_bad_fused_config_values_fail_with_the_field_name(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _args(tmp_path, **kwargs)
+
+
+@pytest.mark.multiprocess
+def test_ddp_and_fsdp2_two_processes(tmp_path):
+    """DDP: fused and materialised training end with the same students on both ranks. FSDP2 (accelerate's layout,
+    torch's fully_shard on CPU): the same full gradients; a student head still sharded after forward is refused."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    tests = Path(__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}"}
+    script = tests / "scripts" / "fused_distill_distributed.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    proc = subprocess.run([*cmd, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads((tmp_path / "rank0.json").read_text())
+    assert info["world_size"] == 2
+    states = {
+        (kind, r): torch.load(tmp_path / f"ddp_{kind}_rank{r}.pt") for kind in ("fused", "plain") for r in (0, 1)
+    }
+    start = tiny_llama(layers=1, seed=2).state_dict()
+    assert max((states[("fused", 0)][k] - start[k]).abs().max() for k in start) > 1e-3
+    for key in start:
+        assert torch.equal(states[("fused", 0)][key], states[("fused", 1)][key]), key
+        torch.testing.assert_close(states[("fused", 0)][key], states[("plain", 0)][key], rtol=1e-4, atol=1e-6)
+    assert info["teacher_head_after_forward"] == "DTensor"  # gathered with full_tensor() by the loss
+    assert info["student_head_after_forward"] == "Parameter"  # unsharded: FSDP2 reduce-scatters its gradient
+    assert "still sharded" in info["resharded_student_head_refused"]
+    for rank in (0, 1):
+        grads = torch.load(tmp_path / f"fsdp2_rank{rank}.pt")
+        assert grads["fused"].keys() == grads["plain"].keys()
+        for name in grads["plain"]:
+            torch.testing.assert_close(grads["fused"][name], grads["plain"][name], rtol=1e-4, atol=1e-6, msg=name)
