@@ -53,7 +53,7 @@ class DistillationConfig(TrainingArguments):
             Evaluation (which returns logits) and setups it cannot serve (a PEFT adapter on `lm_head`, DeepSpeed
             ZeRO-3, a head still sharded after the forward) use the materialised path, with one log line.
         fused_lm_head_chunk_size (`int`, *optional*):
-            Positions per chunk of the fused loss; by default about 2^26 logits per chunk on CUDA (2^18 on CPU).
+            Positions per chunk of the fused loss; by default about 2^27 logits per chunk on CUDA (2^22 on CPU).
         teacher_model_init_kwargs (`dict` or JSON `str`, *optional*):
             Keyword arguments of `from_pretrained` when the teacher is given as a name or path, e.g.
             `{"dtype": "bfloat16"}` or `{"quantization_config": BitsAndBytesConfig(load_in_4bit=True)}`.
@@ -101,7 +101,7 @@ class DistillationConfig(TrainingArguments):
     )
     fused_lm_head_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Positions per chunk of the fused LM-head loss; default: about 2^26 logits (CUDA)."},
+        metadata={"help": "Positions per chunk of the fused LM-head loss; default: about 2^27 logits (CUDA)."},
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,

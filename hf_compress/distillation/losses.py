@@ -406,6 +406,30 @@ def _run_chunk_losses(chunk_fn, *args):
         return _chunk_losses(*args)
 
 
+_FP32_OUT_GEMM: bool | None = None  # does this torch/device support addmm(out_dtype=float32)? (learned once)
+
+
+def _accumulate_weight_grad(grad_w: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> None:
+    """`grad_w += grad.T @ hidden`, in `grad_w`'s dtype.
+
+    Same dtypes: one in-place GEMM. fp32 master weights with bf16/fp16 operands (autocast): on CUDA a GEMM with
+    bf16 inputs and an fp32 accumulator/output (`addmm(out_dtype=torch.float32)`) when torch supports it, else a
+    bf16 product added in fp32 (one transient of the weight's size).
+    """
+    global _FP32_OUT_GEMM
+    if grad_w.dtype == grad.dtype:
+        grad_w.addmm_(grad.t(), hidden)
+        return
+    if grad_w.dtype == torch.float32 and grad.is_cuda and _FP32_OUT_GEMM is not False:
+        try:
+            torch.addmm(grad_w, grad.t(), hidden, out_dtype=torch.float32, out=grad_w)
+            _FP32_OUT_GEMM = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FP32_OUT_GEMM = False
+    grad_w += (grad.t() @ hidden).to(grad_w.dtype)
+
+
 class _FusedLinearDistillation(torch.autograd.Function):
     """Head matmuls + distillation/CE loss over chunks of rows, with the gradient computed in forward.
 
@@ -477,10 +501,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 if need_h:
                     grad_h[start:end] = grad @ sw
                 if need_w:
-                    if grad_w.dtype == grad.dtype:
-                        grad_w[:width].addmm_(grad.t(), hs)
-                    else:  # fp32 master weights under bf16 autocast: a bf16 product, accumulated in fp32
-                        grad_w[:width] += grad.t() @ hs
+                    _accumulate_weight_grad(grad_w[:width], grad, hs)
                 if need_b:
                     grad_b[:width] += grad.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -553,8 +574,9 @@ def fused_linear_distillation_loss(
             the smaller of the two heads' rows, which must then be equal.
         student_logit_scale, teacher_logit_scale (`float`, *optional*, defaults to `1.0`): multipliers of the logits.
         student_logit_softcap, teacher_logit_softcap (`float`, *optional*): Gemma-style final logit soft-capping.
-        chunk_size (`int`, *optional*): positions per chunk; by default about 2^26 logits per chunk on CUDA and
-            2^18 on CPU.
+        chunk_size (`int`, *optional*): positions per chunk; by default about 2^27 logits per chunk on CUDA and
+            2^22 on CPU. Each chunk also reads and writes the whole head-weight gradient once, so fewer, larger
+            chunks are faster; smaller ones use less memory.
 
     Returns:
         `(total, distill_sum, task_sum)`: only `total` carries a gradient; the sums are over the kept positions.
@@ -608,7 +630,7 @@ def fused_linear_distillation_loss(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive int.")
     if chunk_size is None:
-        target = 1 << 26 if student_hidden.device.type == "cuda" else 1 << 18
+        target = 1 << 27 if student_hidden.device.type == "cuda" else 1 << 22
         chunk_size = max(1, target // vocab_size)
 
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
