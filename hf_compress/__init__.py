@@ -18,6 +18,7 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
     "distillation.losses": [
         "distillation_loss",
         "forward_kl_loss",
+        "fused_linear_distillation_loss",
         "hidden_state_loss",
         "jsd_loss",
         "mse_logits_loss",

@@ -46,6 +46,14 @@ class DistillationConfig(TrainingArguments):
         hidden_layer_mapping (`list[int]`, *optional*):
             For each student layer (in order), the teacher layer (1-based, as in `hidden_states[i]`) it learns from.
             Defaults to evenly spaced teacher layers: student layer i of S maps to teacher layer round(i * T / S).
+        fused_lm_head_loss (`bool`, *optional*, defaults to `True`):
+            Causal LMs only: compute the loss from both models' final hidden states and output heads chunk by chunk
+            (`fused_linear_distillation_loss`), so neither model's full (batch x sequence x vocabulary) logits are
+            built during training steps. Same values and gradients as the materialised path; `False` turns it off.
+            Evaluation (which returns logits) and setups it cannot serve (a PEFT adapter on `lm_head`, DeepSpeed
+            ZeRO-3, a head still sharded after the forward) use the materialised path, with one log line.
+        fused_lm_head_chunk_size (`int`, *optional*):
+            Positions per chunk of the fused loss; by default about 2^27 logits per chunk on CUDA (2^22 on CPU).
         teacher_model_init_kwargs (`dict` or JSON `str`, *optional*):
             Keyword arguments of `from_pretrained` when the teacher is given as a name or path, e.g.
             `{"dtype": "bfloat16"}` or `{"quantization_config": BitsAndBytesConfig(load_in_4bit=True)}`.
@@ -83,6 +91,17 @@ class DistillationConfig(TrainingArguments):
     hidden_layer_mapping: list[int] | None = field(
         default=None,
         metadata={"help": "Teacher layer (1-based) for each student layer; default: evenly spaced."},
+    )
+    fused_lm_head_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Causal LMs: compute the loss from hidden states and output heads chunk by chunk, without the "
+            "full logits (same values). False: materialise the logits."
+        },
+    )
+    fused_lm_head_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Positions per chunk of the fused LM-head loss; default: about 2^27 logits (CUDA)."},
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
@@ -127,6 +146,20 @@ class DistillationConfig(TrainingArguments):
                     "indices >= 0, one per student layer."
                 )
             self.hidden_layer_mapping = mapping
+        if not isinstance(self.fused_lm_head_loss, bool):
+            raise ValueError(
+                f"fused_lm_head_loss={self.fused_lm_head_loss!r} must be a bool (True: chunked loss without full "
+                "logits, False: materialised logits)."
+            )
+        if self.fused_lm_head_chunk_size is not None and (
+            isinstance(self.fused_lm_head_chunk_size, bool)
+            or not isinstance(self.fused_lm_head_chunk_size, int)
+            or self.fused_lm_head_chunk_size < 1
+        ):
+            raise ValueError(
+                f"fused_lm_head_chunk_size={self.fused_lm_head_chunk_size!r} must be a positive int (positions per "
+                "chunk) or None (automatic)."
+            )
         if isinstance(self.teacher_model_init_kwargs, str):
             try:
                 self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)

@@ -16,11 +16,18 @@ from transformers.utils import logging
 
 from ..utils.modules import unwrap_model
 from .config import DistillationConfig
-from .losses import distillation_loss, fused_forward_kl_and_cross_entropy, hidden_state_loss
+from .lm_head import HeadInputCapture, UnsupportedHead, find_output_head, head_parameters, logits_match
+from .losses import (
+    distillation_loss,
+    fused_forward_kl_and_cross_entropy,
+    fused_linear_distillation_loss,
+    hidden_state_loss,
+)
 
 logger = logging.get_logger(__name__)
 
 PROJECTOR_FILE = "distillation_projector.pt"
+_UNSET = object()
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -333,6 +340,10 @@ class DistillationTrainer(Trainer):
         return mask, labels
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not return_outputs and self._fused_lm_head_plan(model) is not None:
+            loss = self._fused_lm_head_loss(model, inputs, num_items_in_batch)
+            if loss is not None:  # None: this setup cannot use it (logged once); the materialised path follows
+                return loss
         args: DistillationConfig = self.args
         student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         want_hidden = args.hidden_loss_weight > 0
@@ -417,6 +428,113 @@ class DistillationTrainer(Trainer):
                 s_h = self.hidden_projector[i](s_h.to(self.hidden_projector[i].weight.dtype))
             total = total + hidden_state_loss(s_h, t_h, self.args.hidden_loss_type, mask, reduction="mean")
         return total / len(self._layer_mapping)
+
+    # ------------------------------------------------------------------ fused LM-head loss (causal LMs)
+    def _fused_lm_head_plan(self, model) -> tuple[Any, Any] | None:
+        """`(student_head, teacher_head)` when the fused LM-head loss applies, else None (the reason logged once)."""
+        plan = getattr(self, "_fused_lm_heads", _UNSET)
+        if plan is not _UNSET:
+            return plan
+        plan = None
+        if self.args.fused_lm_head_loss and self.task == "causal-lm":
+            try:
+                plan = self._find_fused_lm_heads(model)
+            except UnsupportedHead as reason:
+                self._disable_fused_lm_head(str(reason))
+                return None
+        self._fused_lm_heads = plan
+        return plan
+
+    def _find_fused_lm_heads(self, model) -> tuple[Any, Any]:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+            raise UnsupportedHead("DeepSpeed ZeRO-3 partitions the student's output head")
+        return find_output_head(model), find_output_head(self.teacher_model)
+
+    def _disable_fused_lm_head(self, reason: str) -> None:
+        logger.warning(
+            "fused_lm_head_loss: %s; using the materialised-logits loss for this run (same values, more memory).",
+            reason,
+        )
+        self._fused_lm_heads = None
+
+    def _fused_lm_head_loss(self, model, inputs, num_items_in_batch) -> torch.Tensor | None:
+        """`compute_loss` for causal LMs without the full logits of either model.
+
+        Both models run their own forward with a hook on the output head that keeps its input (the final hidden
+        states) and lets it project only the last position; `fused_linear_distillation_loss` then builds the
+        logits chunk by chunk. Same values, masks and normalisation as the materialised path. Returns None when the
+        first step finds this model unsupported (the materialised path then runs, now and for the rest of the run).
+        """
+        args: DistillationConfig = self.args
+        s_head, t_head = self._fused_lm_heads
+        student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        want_hidden = args.hidden_loss_weight > 0
+        with HeadInputCapture(s_head.module) as s_cap:
+            outputs = model(**student_inputs, output_hidden_states=want_hidden)
+        with HeadInputCapture(t_head.module) as t_cap:
+            teacher_outputs = self._teacher_forward(inputs)
+        positions = inputs["input_ids"].shape[:2] if "input_ids" in inputs else s_cap.hidden.shape[:2]
+        try:
+            problem = s_cap.problem("student", positions) or t_cap.problem("teacher", positions)
+            if problem is None:
+                s_weight, s_bias = head_parameters(s_head, student=True)
+                t_weight, t_bias = head_parameters(t_head, student=False)
+                if not getattr(self, "_fused_lm_heads_checked", False):  # once: one host synchronisation
+                    problem = logits_match(s_head, s_cap.hidden, outputs.logits, s_weight, s_bias) or logits_match(
+                        t_head, t_cap.hidden, teacher_outputs.logits, t_weight, t_bias
+                    )
+                    self._fused_lm_heads_checked = True
+        except UnsupportedHead as reason:
+            problem = str(reason)
+        if problem is not None:
+            self._disable_fused_lm_head(problem)
+            return None
+
+        s_hidden = s_cap.hidden
+        mask, targets = self._positions(s_hidden, inputs)
+        if args.alpha < 1.0 and targets is None:
+            raise ValueError(
+                f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
+                "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
+            )
+        total, sum_distill, sum_task = fused_linear_distillation_loss(
+            s_hidden,
+            s_weight,
+            t_cap.hidden.to(s_hidden.device),
+            t_weight,
+            targets if args.alpha < 1.0 else None,
+            loss_type=args.loss_type,
+            temperature=args.temperature,
+            alpha=args.alpha,
+            beta=args.jsd_beta,
+            mask=mask,
+            student_bias=s_bias,
+            teacher_bias=t_bias,
+            vocab_size=self._shared_width or min(s_weight.shape[0], t_weight.shape[0]),
+            student_logit_scale=s_head.logit_scale,
+            teacher_logit_scale=t_head.logit_scale,
+            student_logit_softcap=s_head.logit_softcap,
+            teacher_logit_softcap=t_head.logit_softcap,
+            chunk_size=args.fused_lm_head_chunk_size,
+        )
+        local_items = mask.sum().clamp_min(1)
+        means = {"loss_distill": sum_distill / local_items}
+        if args.alpha < 1.0:
+            means["loss_task"] = sum_task / local_items
+        if want_hidden:
+            means["loss_hidden"] = self._hidden_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
+            total = total + args.hidden_loss_weight * means["loss_hidden"] * local_items
+        # Normalisation and logging exactly as in compute_loss's materialised path.
+        denominator = num_items_in_batch if (num_items_in_batch is not None and model.training) else local_items
+        loss = total / denominator
+        mode = "train" if model.training else "eval"
+        for key, value in means.items():
+            self._loss_parts[mode][key].append(value.detach())
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None and model.training
+        if self.loss_is_scaled_for_ga and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes
+        return loss
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
