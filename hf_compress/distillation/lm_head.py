@@ -90,10 +90,11 @@ def find_output_head(model: nn.Module) -> OutputHead:
             )
     except ImportError:
         pass
-    # A plain Linear, or a bitsandbytes one (dequantized through its own kernel). Other Linear subclasses (fake
-    # quantization for QAT, custom layers) may compute something else than `hidden @ weight.T + bias`.
+    # nn.Linear's own forward (also under FSDP2, whose FSDPLinear class only adds hooks), or bitsandbytes (read
+    # through its own kernel). A Linear subclass with its own forward (fake quantization for QAT, custom layers)
+    # may compute something else than `hidden @ weight.T + bias`.
     if not isinstance(head, nn.Linear) or not (
-        type(head) is nn.Linear or type(head).__module__.startswith("bitsandbytes.")
+        type(head).forward is nn.Linear.forward or type(head).__module__.startswith("bitsandbytes.")
     ):
         raise UnsupportedHead(
             f"the output head of {type(base).__name__} is a {type(head).__module__}.{type(head).__name__}, not a "
