@@ -1,0 +1,288 @@
+"""Reliability (issue 16): never train on NaN, fail before the first step, resume only what is sound, stop cleanly on
+SIGTERM, bounded distributed waits, no process-lifetime caches of user data. One section per item of the issue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import ListDataset, classification_dataset, lm_dataset, tiny_bert, tiny_llama
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers import logging as hf_logging
+from transformers.testing_utils import CaptureLogger
+
+from hf_compress import (
+    DistillationConfig,
+    DistillationTrainer,
+    NonFiniteError,
+    PruningCallback,
+    PruningConfig,
+    QATCallback,
+    QATConfig,
+    distillation_loss,
+    quantize_model,
+)
+from hf_compress.distillation.losses import fused_forward_kl_and_cross_entropy
+
+HERE = Path(__file__).resolve().parent
+COMMON = dict(report_to="none", use_cpu=True, save_strategy="no", seed=0, logging_steps=1, disable_tqdm=True)
+MARKER = 3  # a token id the data never holds otherwise (classification_dataset draws ids from 10..95)
+
+
+def _dargs(tmp_path, **kw):
+    return DistillationConfig(output_dir=str(tmp_path / "out"), **{**COMMON, **kw})
+
+
+def _targs(tmp_path, **kw):
+    return TrainingArguments(output_dir=str(tmp_path / "out"), **{**COMMON, **kw})
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _all_finite(model):
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class PoisonedTeacher(nn.Module):
+    """A real teacher whose logits are NaN (or inf) in the rows whose input holds MARKER: one bad row in a batch."""
+
+    def __init__(self, inner, value=float("nan")):
+        super().__init__()
+        self.inner, self.config, self.value = inner, inner.config, value
+        self.poisoned_batches: set[tuple] = set()
+
+    def forward(self, input_ids=None, **kwargs):
+        out = self.inner(input_ids=input_ids, **kwargs)
+        rows = (input_ids == MARKER).any(-1)
+        if rows.any():
+            self.poisoned_batches.add(tuple(input_ids.flatten().tolist()))
+            out.logits = out.logits.masked_fill(rows.unsqueeze(-1), self.value)
+        return out
+
+
+def _with_marker(ds, indices):
+    rows = []
+    for i, r in enumerate(ds.rows):
+        r = dict(r)
+        if i in indices:
+            r["input_ids"] = r["input_ids"].clone()
+            r["input_ids"][0] = MARKER
+        rows.append(r)
+    return ListDataset(rows)
+
+
+# ------------------------------------------------------------------------------ item 2: never train on NaN / inf
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_one_nonfinite_teacher_row_stops_the_step_naming_teacher_and_step(tmp_path, value):
+    student = tiny_bert(layers=1, seed=2)
+    train = _with_marker(classification_dataset(24), {13})
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=PoisonedTeacher(tiny_bert(seed=1), value),
+        args=_dargs(tmp_path, max_steps=3, per_device_train_batch_size=8),
+        train_dataset=train,
+    )
+    with pytest.raises(NonFiniteError, match=r"Training step (\d)") as info:
+        trainer.train()
+    step = trainer.state.global_step + 1
+    message = str(info.value)
+    assert f"Training step {step}:" in message
+    assert "teacher logits: NaN/inf in 1 row(s)" in message and "loss_distill" in message
+    assert "student logits" not in message  # the student's own forward was finite
+    assert _all_finite(student)
+
+
+def test_nonfinite_inputs_embeds_names_the_input(tmp_path):
+    torch.manual_seed(0)
+    rows = [{"inputs_embeds": torch.randn(6, 32), "labels": i % 2} for i in range(8)]
+    rows[5]["inputs_embeds"][2, 7] = float("nan")
+    student = tiny_bert(layers=1, seed=2)
+    before = _params(student)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=tiny_bert(seed=1),
+        args=_dargs(tmp_path, max_steps=2, per_device_train_batch_size=8),
+        train_dataset=ListDataset(rows),
+    )
+    with pytest.raises(NonFiniteError, match=r"Training step 1: .*input 'inputs_embeds': NaN/inf in 1 value\(s\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in student.named_parameters())  # nothing was updated
+
+
+def test_skip_policy_skips_bad_batches_counts_them_and_keeps_weights_finite(tmp_path):
+    student = tiny_bert(layers=1, seed=2)
+    teacher = PoisonedTeacher(tiny_bert(seed=1))
+    train = _with_marker(classification_dataset(64), {3, 40})
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=_dargs(tmp_path, max_steps=8, per_device_train_batch_size=8, nonfinite="skip"),
+        train_dataset=train,
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 8 and trainer.state.global_step == 8
+    skipped = len(teacher.poisoned_batches)
+    assert skipped in (1, 2)
+    assert logs[-1]["nonfinite_skipped"] == skipped
+    assert sum(h["loss"] == 0 and "loss_distill" not in h for h in logs) == skipped  # skipped: no loss parts
+    assert all(torch.isfinite(torch.tensor([h["loss"], h.get("loss_distill", 0.0)])).all() for h in logs)
+    assert _all_finite(student)
+
+
+def test_skipped_batch_contributes_an_exactly_zero_gradient(tmp_path):
+    """The skip loss of a batch whose student forward is finite, and of one whose forward is NaN: zero gradients."""
+    student = tiny_bert(layers=1, seed=2)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=tiny_bert(seed=1), args=_dargs(tmp_path), train_dataset=classification_dataset(8)
+    )
+    batch = {k: torch.stack([r[k] for r in classification_dataset(4).rows]) for k in ("input_ids", "attention_mask")}
+    for finite in (True, False):
+        student.zero_grad()
+        embeds = student.get_input_embeddings()(batch["input_ids"])
+        if not finite:
+            embeds = embeds.masked_fill(torch.rand_like(embeds) < 0.01, float("nan"))
+        outputs = student(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+        trainer._zero_gradient_loss(student, outputs, student_finite=finite).backward()
+        grads = [p.grad for p in student.parameters() if p.grad is not None]
+        assert grads and all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_temperature_nan_inf_rejected_in_config(tmp_path):
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="temperature="):
+            _dargs(tmp_path, temperature=value)
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd", "mse"])
+def test_losses_compute_in_fp32_for_low_precision_logits(loss_type):
+    """bf16 logits give the loss of their fp32 values (softmax and temperature in fp32), and a finite result."""
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(4, 7, 50, generator=g) * 30).bfloat16()
+    t = (torch.randn(4, 7, 50, generator=g) * 30).bfloat16()
+    low = distillation_loss(s, t, loss_type, temperature=0.5)
+    full = distillation_loss(s.float(), t.float(), loss_type, temperature=0.5)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+    torch.testing.assert_close(low, full, rtol=0, atol=0)
+    labels = torch.randint(0, 50, (4, 7), generator=g)
+    total, _, _ = fused_forward_kl_and_cross_entropy(s, t, labels, 0.5, 0.5)
+    reference, _, _ = fused_forward_kl_and_cross_entropy(s.float(), t.float(), labels, 0.5, 0.5)
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    torch.testing.assert_close(total, reference, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ item 3: quantizing a saved classifier
+def test_quantize_model_from_a_folder_keeps_the_classifier_in_full_precision(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model = tiny_bert(num_labels=2)
+    model.save_pretrained(tmp_path / "saved")
+    from_path = quantize_model(str(tmp_path / "saved"), "nf4")
+    in_memory = quantize_model(model, "nf4")
+    assert type(from_path.classifier) is nn.Linear
+    assert type(from_path.classifier) is type(in_memory.classifier)
+    assert type(from_path.bert.encoder.layer[0].intermediate.dense).__name__ == "Linear4bit"
+    ids = torch.randint(10, 96, (2, 8))
+    torch.testing.assert_close(from_path(input_ids=ids).logits, in_memory(input_ids=ids).logits)
+
+
+# --------------------------------------------------------- item 5: failures before the first step, not after it
+def test_task_that_contradicts_the_model_fails_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="task='causal-lm' does not match the student BertForSequenceClassification"):
+        DistillationTrainer(
+            model=tiny_bert(),
+            teacher_model=tiny_bert(),
+            args=_dargs(tmp_path, task="causal-lm"),
+            train_dataset=classification_dataset(8),
+        )
+
+
+@pytest.mark.parametrize("label, nonfinite", [(5, "raise"), (-1, "raise"), (5, "off"), (-1, "skip")])
+def test_out_of_range_labels_fail_on_the_first_batch(tmp_path, label, nonfinite):
+    ds = classification_dataset(16)
+    ds.rows[9]["labels"] = label
+    student = tiny_bert(layers=1, seed=2)
+    before = _params(student)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=tiny_bert(seed=1),
+        args=_dargs(tmp_path, max_steps=2, per_device_train_batch_size=16, nonfinite=nonfinite),
+        train_dataset=ds,
+    )
+    with pytest.raises(ValueError, match=rf"Training step 1: .*labels: 1 value\(s\) outside \[0, 2\).*\[{label}\]"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in student.named_parameters())
+
+
+def test_token_ids_beyond_the_teachers_vocabulary_are_named(tmp_path):
+    teacher = tiny_bert(seed=1)
+    teacher.resize_token_embeddings(50)  # the student has 96 rows; ids 50..95 do not exist for the teacher
+    trainer = DistillationTrainer(
+        model=tiny_bert(layers=1, seed=2),
+        teacher_model=teacher,
+        args=_dargs(tmp_path, max_steps=2, per_device_train_batch_size=8),
+        train_dataset=classification_dataset(16),
+    )
+    with pytest.raises(ValueError, match=r"Training step 1: .*input_ids: \d+ value\(s\) outside \[0, 50\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_qat_group_size_one_is_a_clean_error():
+    pytest.importorskip("torchao")
+    for scheme in ("int8-dynamic-activation-int8-weight", "int8-dynamic-activation-int4-weight"):
+        with pytest.raises(ValueError, match="group_size=1 is not allowed: it must be an integer >= 2"):
+            QATConfig(scheme=scheme, group_size=1)
+        with pytest.raises(ValueError, match="group_size=1"):
+            QATCallback(scheme=scheme, group_size=1)
+
+
+def test_unwritable_qat_output_folder_fails_before_the_first_step(tmp_path):
+    pytest.importorskip("torchao")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder is needed")
+    model = tiny_llama()
+    before = _params(model)
+    qat = QATCallback(scheme="int4-weight-only", group_size=16, output_dir=str(blocker / "quantized"))
+    trainer = Trainer(model=model, args=_targs(tmp_path, max_steps=3), train_dataset=lm_dataset(16), callbacks=[qat])
+    with pytest.raises(ValueError, match="QATCallback output_dir=.*blocker.* is an existing file"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path):
+    existing = tmp_path / "results.txt"
+    existing.write_text("user data")
+    with pytest.raises(ValueError, match="output_dir=.*results.txt.* is an existing file"):
+        DistillationConfig(output_dir=str(existing), report_to="none")
+    with pytest.raises(ValueError, match="output_dir"):
+        QATCallback(output_dir=str(existing))
+    assert existing.read_text() == "user data"
+
+
+def test_pruning_schedule_beyond_max_steps(tmp_path):
+    late = PruningCallback(PruningConfig(sparsity=0.5, start_step=10))
+    trainer = Trainer(
+        model=tiny_llama(), args=_targs(tmp_path, max_steps=4), train_dataset=lm_dataset(16), callbacks=[late]
+    )
+    with pytest.raises(ValueError, match=r"start_step=10 is after the run's last step \(max_steps=4\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+    config = PruningConfig(sparsity=0.6, schedule="linear", start_step=0, end_step=8, frequency=2)
+    short = PruningCallback(config)
+    trainer = Trainer(
+        model=tiny_llama(), args=_targs(tmp_path, max_steps=4), train_dataset=lm_dataset(16), callbacks=[short]
+    )
+    logger = hf_logging.get_logger("hf_compress.pruning.callback")
+    with CaptureLogger(logger) as captured:
+        trainer.train()
+    assert "end_step=8 is after the run's last step (max_steps=4)" in captured.out
+    assert "stops at step 4 with sparsity 0.3000 instead of 0.6000" in captured.out
+    assert short.sparsity == pytest.approx(0.3, abs=1e-3)  # what the warning said the run would reach
