@@ -3,10 +3,14 @@ SIGTERM, bounded distributed waits, no process-lifetime caches of user data. One
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tiny_models import ListDataset, classification_dataset, lm_dataset, tiny_bert, tiny_llama
 from torch import nn
 from transformers import Trainer, TrainingArguments
@@ -14,6 +18,7 @@ from transformers import logging as hf_logging
 from transformers.testing_utils import CaptureLogger
 
 from hf_compress import (
+    CorruptCheckpointError,
     DistillationConfig,
     DistillationTrainer,
     NonFiniteError,
@@ -22,9 +27,11 @@ from hf_compress import (
     QATCallback,
     QATConfig,
     distillation_loss,
+    last_complete_checkpoint,
     quantize_model,
 )
 from hf_compress.distillation.losses import fused_forward_kl_and_cross_entropy
+from hf_compress.utils.checkpoints import checkpoint_problems
 
 HERE = Path(__file__).resolve().parent
 COMMON = dict(report_to="none", use_cpu=True, save_strategy="no", seed=0, logging_steps=1, disable_tqdm=True)
@@ -286,3 +293,162 @@ def test_pruning_schedule_beyond_max_steps(tmp_path):
     assert "end_step=8 is after the run's last step (max_steps=4)" in captured.out
     assert "stops at step 4 with sparsity 0.3000 instead of 0.6000" in captured.out
     assert short.sparsity == pytest.approx(0.3, abs=1e-3)  # what the warning said the run would reach
+
+
+# ----------------------------------------------------------------- item 4: resume verifies what it loads
+PRUNE = dict(sparsity=0.5, schedule="linear", start_step=0, end_step=4, frequency=2)
+
+
+@pytest.fixture(scope="module")
+def pruned_checkpoint(tmp_path_factory):
+    """checkpoint-4 of a pruning run (masks at 50%), written once for the module."""
+    root = tmp_path_factory.mktemp("pruned")
+    args = _targs(root, max_steps=4, save_strategy="steps", save_steps=4, per_device_train_batch_size=4)
+    callback = PruningCallback(PruningConfig(**PRUNE))
+    Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(32), callbacks=[callback]).train()
+    return root / "out" / "checkpoint-4", {k: v.clone() for k, v in callback.masks.items()}
+
+
+def _resume(folder, tmp_path, **kw):
+    callback = PruningCallback(PruningConfig(**PRUNE))
+    args = _targs(tmp_path, max_steps=6, per_device_train_batch_size=4, **kw)
+    trainer = Trainer(model=tiny_llama(seed=7), args=args, train_dataset=lm_dataset(32), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=str(folder))
+    return callback
+
+
+def _copy(checkpoint, tmp_path):
+    folder = tmp_path / "elsewhere" / "checkpoint-4"  # not under the resumed run's output_dir
+    shutil.copytree(checkpoint, folder)
+    return folder, folder / "pruning_masks.safetensors"
+
+
+def test_sound_checkpoint_resumes_with_the_saved_masks(pruned_checkpoint, tmp_path):
+    checkpoint, masks = pruned_checkpoint
+    assert (checkpoint / "pruning_masks.safetensors.sha256").is_file()
+    folder, _ = _copy(checkpoint, tmp_path)
+    resumed = _resume(folder, tmp_path)
+    assert all(torch.equal(resumed.masks[n], masks[n]) for n in masks)
+
+
+def _flip_payload_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # a mask byte: True <-> False
+    path.write_bytes(bytes(data))
+
+
+def _all_true(path):
+    save_file({k: torch.ones_like(v) for k, v in load_file(path).items()}, path)
+
+
+def _all_true_with_fresh_checksum(path):
+    from hf_compress.utils.checkpoints import write_with_checksum
+
+    tensors = {k: torch.ones_like(v) for k, v in load_file(path).items()}
+    from safetensors.torch import save
+
+    write_with_checksum(path, save(tensors))
+
+
+def _transposed(path):
+    save_file({k: v.t().contiguous() for k, v in load_file(path).items()}, path)
+    os.remove(f"{path}.sha256")
+
+
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    os.remove(f"{path}.sha256")
+
+
+def _uint8(path):
+    save_file({k: v.to(torch.uint8) for k, v in load_file(path).items()}, path)
+    os.remove(f"{path}.sha256")
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (_flip_payload_byte, "checksum mismatch"),
+        (_all_true, "checksum mismatch"),
+        (_all_true_with_fresh_checksum, r"masks have sparsity 0.0000 but .* records a target of 0.5000"),
+        (_transposed, r"the mask of '.*' has shape \(\d+, \d+\) but the weight has"),
+        (_truncated, "truncated"),
+        (_uint8, "has dtype torch.uint8; masks are torch.bool"),
+    ],
+)
+def test_corrupted_mask_file_is_refused_naming_file_and_problem(pruned_checkpoint, tmp_path, corrupt, match):
+    folder, masks_file = _copy(pruned_checkpoint[0], tmp_path)
+    corrupt(masks_file)
+    with pytest.raises(CorruptCheckpointError, match=match) as info:
+        _resume(folder, tmp_path)
+    assert str(masks_file) in str(info.value)
+
+
+def test_removed_callback_state_is_a_clear_error_at_load(pruned_checkpoint, tmp_path):
+    folder, _ = _copy(pruned_checkpoint[0], tmp_path)
+    state = json.loads((folder / "trainer_state.json").read_text())
+    del state["stateful_callbacks"]["PruningCallback"]
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="holds no PruningCallback state"):
+        _resume(folder, tmp_path)
+
+
+def test_callback_added_on_resume_still_saves(pruned_checkpoint, tmp_path):
+    """A resumed checkpoint written without a QAT callback: no KeyError at the next save."""
+    pytest.importorskip("torchao")
+    folder, _ = _copy(pruned_checkpoint[0], tmp_path)
+    qat = QATCallback(scheme="int4-weight-only", group_size=16, start_step=5, save_quantized=False)
+    pruning = PruningCallback(PruningConfig(**PRUNE))
+    args = _targs(tmp_path, max_steps=6, per_device_train_batch_size=4, save_strategy="steps", save_steps=1)
+    trainer = Trainer(model=tiny_llama(seed=7), args=args, train_dataset=lm_dataset(32), callbacks=[pruning, qat])
+    trainer.train(resume_from_checkpoint=str(folder))
+    state = json.loads((tmp_path / "out" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["stateful_callbacks"]["QATCallback"]["attributes"]["fake_quant_inserted_at"] == 5
+
+
+def _half_written(folder, how):
+    if how == "no trainer state":
+        (folder / "trainer_state.json").unlink()
+    elif how == "truncated weights":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "masks missing":
+        (folder / "pruning_masks.safetensors").unlink()
+        (folder / "pruning_masks.safetensors.sha256").unlink()
+    elif how == "truncated optimizer":
+        optimizer = folder / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[:2000])
+
+
+@pytest.mark.parametrize("how", ["no trainer state", "truncated weights", "masks missing", "truncated optimizer"])
+def test_auto_resume_skips_a_half_written_checkpoint(tmp_path, how):
+    teacher = tiny_llama(seed=1)
+    args = _dargs(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=4)
+    DistillationTrainer(
+        model=tiny_llama(layers=1, seed=2),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=lm_dataset(32),
+        callbacks=[PruningCallback(PruningConfig(**PRUNE))],
+    ).train()
+    out = tmp_path / "out"
+    _half_written(out / "checkpoint-4", how)
+    assert checkpoint_problems(out / "checkpoint-4") and not checkpoint_problems(out / "checkpoint-2")
+    logger = hf_logging.get_logger("hf_compress.utils.checkpoints")
+    with CaptureLogger(logger) as captured:
+        assert last_complete_checkpoint(out) == str(out / "checkpoint-2")
+    assert "Skipping incomplete checkpoint" in captured.out and "checkpoint-4" in captured.out
+
+    resumed = DistillationTrainer(
+        model=tiny_llama(layers=1, seed=5),
+        teacher_model=teacher,
+        args=_dargs(tmp_path, max_steps=4, per_device_train_batch_size=4),
+        train_dataset=lm_dataset(32),
+        callbacks=[PruningCallback(PruningConfig(**PRUNE))],
+    )
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.args.resume_from_checkpoint == str(out / "checkpoint-2")
+    assert resumed.state.global_step == 4
+    with pytest.raises(CorruptCheckpointError, match="is not a complete checkpoint"):
+        resumed.train(resume_from_checkpoint=str(out / "checkpoint-4"))

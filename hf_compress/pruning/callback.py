@@ -13,6 +13,7 @@ from transformers.trainer_callback import ExportableState, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from ..utils.checkpoints import CorruptCheckpointError, resumed_checkpoint_folder
 from ..utils.modules import unwrap_model
 from ..utils.reliability import (
     bounded_collectives,
@@ -197,15 +198,12 @@ class PruningCallback(TrainerCallback, ExportableState):
         logger.info(f"Pruning at step {step}: target {target:.4f}, sparsity {self.sparsity:.4f}")
 
     def _find_checkpoint_masks(self, args, state) -> str | None:
-        candidates = []
-        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
-            candidates.append(args.resume_from_checkpoint)
-        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
-        for folder in candidates:
-            path = os.path.join(folder, MASKS_NAME)
-            if os.path.isfile(path):
-                return path
-        return None
+        resumed = resumed_checkpoint_folder(args)
+        if resumed is not None:  # the folder is known: its masks or none (an incomplete checkpoint)
+            path = os.path.join(resumed, MASKS_NAME)
+            return path if os.path.isfile(path) else None
+        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", MASKS_NAME)
+        return path if os.path.isfile(path) else None
 
     def _restore(self, args, state) -> None:
         saved = saved_callback_state(state, self)
@@ -228,6 +226,12 @@ class PruningCallback(TrainerCallback, ExportableState):
             return
         if path is not None:
             masks = load_verified_masks(path, self._modules, self.config, self.sparsity_target)
+        elif resumed_checkpoint_folder(args) is not None:
+            raise CorruptCheckpointError(
+                f"{os.path.join(resumed_checkpoint_folder(args), MASKS_NAME)} is missing, but the checkpoint's trainer "
+                f"state records pruning at step {self.last_pruning_step}: the save was interrupted. Resume from an "
+                "earlier checkpoint (trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir)))."
+            )
         else:
             # The checkpoint's weights hold the zeros; a kept weight that is exactly 0.0 would be taken as pruned.
             logger.warning(

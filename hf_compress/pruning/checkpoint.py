@@ -81,7 +81,7 @@ def load_verified_masks(
 
     path = os.fspath(path)
     data, verified = read_verified_bytes(path)
-    header = safetensors_header(data)  # truncation / garbage, before safetensors' own (unnamed) errors
+    header = safetensors_header(data, name=path)  # truncation / garbage, before safetensors' own (unnamed) errors
     try:
         loaded = load(data)
     except Exception as err:  # safetensors raises its own SafetensorError type

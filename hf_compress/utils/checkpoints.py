@@ -13,6 +13,7 @@ Plain `Trainer` users: `trainer.train(resume_from_checkpoint=last_complete_check
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -94,7 +95,7 @@ def read_verified_bytes(path: str | os.PathLike, *, require_checksum: bool = Fal
 
 
 # ---------------------------------------------------------------------------------------------- reading without loading
-def safetensors_header(data_or_path: bytes | str | os.PathLike) -> dict[str, Any]:
+def safetensors_header(data_or_path: bytes | str | os.PathLike, name: str | None = None) -> dict[str, Any]:
     """The JSON header of a safetensors file (its tensors' dtypes, shapes, offsets and `__metadata__`), after
     checking that the file is as long as the header says. Reads only the header for a path.
 
@@ -102,7 +103,7 @@ def safetensors_header(data_or_path: bytes | str | os.PathLike) -> dict[str, Any
         CorruptCheckpointError: naming the file, when it is shorter than its header says or the header is unreadable.
     """
     if isinstance(data_or_path, (bytes, bytearray)):
-        name, size, data = "<bytes>", len(data_or_path), bytes(data_or_path)
+        name, size, data = name or "<bytes>", len(data_or_path), bytes(data_or_path)
         head = data[:8]
     else:
         name = os.fspath(data_or_path)
@@ -213,6 +214,30 @@ def _declared_files_missing(folder: Path, state: Any) -> list[str]:
     return problems
 
 
+def resumed_checkpoint_folder(args) -> str | None:
+    """The checkpoint folder the running `Trainer.train()` resumed from, for callbacks that add files to
+    checkpoints: `args.resume_from_checkpoint` when it is a path (scripts and [`DistillationTrainer`] set it),
+    else the `resume_from_checkpoint` argument of the `Trainer.train()` call this runs under (found on the call
+    stack, since the Trainer does not pass it to callbacks), else None."""
+    value = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
+        return os.fspath(value)
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if (
+                frame.f_code.co_name in ("train", "_inner_training_loop")
+                and "resume_from_checkpoint" in frame.f_locals
+            ):
+                value = frame.f_locals["resume_from_checkpoint"]
+                if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
+                    return os.fspath(value)
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
 def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
     """Whether `folder` passes [`checkpoint_problems`]."""
     return not checkpoint_problems(folder)
@@ -247,6 +272,7 @@ __all__ = [
     "is_complete_checkpoint",
     "last_complete_checkpoint",
     "read_verified_bytes",
+    "resumed_checkpoint_folder",
     "safetensors_header",
     "write_with_checksum",
 ]
