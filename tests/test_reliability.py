@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -452,3 +456,53 @@ def test_auto_resume_skips_a_half_written_checkpoint(tmp_path, how):
     assert resumed.state.global_step == 4
     with pytest.raises(CorruptCheckpointError, match="is not a complete checkpoint"):
         resumed.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+
+
+# ------------------------------------------------------------ item 6: SIGTERM saves, exits, resumes exactly
+def _step_reached(progress: Path) -> int:
+    try:
+        return int(progress.read_text() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_sigterm_saves_a_checkpoint_exits_and_resumes_bit_identically(tmp_path):
+    sys.path.insert(0, str(HERE / "scripts"))
+    import graceful_run
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
+    interrupted = subprocess.Popen(
+        [sys.executable, str(HERE / "scripts" / "graceful_run.py"), str(tmp_path), "interrupt"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocess: the same float reductions, so bit-identical results
+    try:
+        graceful_run.run(str(tmp_path), "full")  # the uninterrupted reference, while the subprocess starts
+        deadline = time.monotonic() + 300
+        while _step_reached(tmp_path / "progress") < 3:
+            assert interrupted.poll() is None, interrupted.communicate()[0][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        interrupted.send_signal(signal.SIGTERM)
+        output = interrupted.communicate(timeout=120)[0]
+        assert interrupted.returncode == 128 + signal.SIGTERM, output[-3000:]
+        assert "SIGTERM received; saving a checkpoint" in output
+        checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"))
+        assert len(checkpoints) == 1, checkpoints  # save_steps=100: only the signal saved
+        stopped = int(checkpoints[0].name.split("-")[1])
+        assert 3 <= stopped < graceful_run.MAX_STEPS
+        assert not checkpoint_problems(checkpoints[0])  # masks included: the exit waited for PruningCallback.on_save
+        assert not (tmp_path / "interrupt.safetensors").exists()  # it exited in training, before the script's end
+        graceful_run.run(str(tmp_path), "resume")
+    finally:
+        torch.set_num_threads(threads)
+        if interrupted.poll() is None:
+            interrupted.kill()
+    reference, resumed = load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "resume.safetensors")
+    assert set(reference) == set(resumed) and any(k.startswith("mask.") for k in reference)
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
