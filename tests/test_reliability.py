@@ -3,19 +3,22 @@ SIGTERM, bounded distributed waits, no process-lifetime caches of user data. One
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import ListDataset, classification_dataset, lm_dataset, tiny_bert, tiny_llama
+from tiny_models import ListDataset, classification_dataset, lm_dataset, random_token_batch, tiny_bert, tiny_llama
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers import logging as hf_logging
@@ -506,3 +509,61 @@ def test_sigterm_saves_a_checkpoint_exits_and_resumes_bit_identically(tmp_path):
     assert set(reference) == set(resumed) and any(k.startswith("mask.") for k in reference)
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
+
+
+# ------------------------------------------------------------------ item 7: a stalled rank fails the job in time
+@pytest.mark.multiprocess
+def test_stalled_rank_makes_the_other_fail_within_ddp_timeout(tmp_path):
+    timeout_s, margin_s = 5, 10
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    ranks = []
+    for rank in (0, 1):
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(HERE.parent),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
+        command = [sys.executable, str(HERE / "scripts" / "stalled_rank.py"), str(tmp_path), str(timeout_s)]
+        ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        output = ranks[0].communicate(timeout=300)[0]
+        ended = time.time()
+        stalled_at = float((tmp_path / "stalled_at").read_text())
+    finally:
+        for proc in ranks:
+            if proc.poll() is None:
+                proc.kill()  # SIGKILL also ends a stopped process
+                proc.wait()
+    assert ranks[0].returncode != 0
+    assert "TimeoutError" in output and "PruningCallback at step 2: broadcasting the pruning masks" in output
+    assert ended - stalled_at < timeout_s + margin_s, (ended - stalled_at, output[-3000:])
+
+
+# ------------------------------------------------------------- item 9: no process-lifetime cache of user data
+def test_calibration_batches_are_freed_with_their_callback(tmp_path):
+    from hf_compress.pruning import callback as pruning_module
+
+    calibration = [random_token_batch(seed=i) for i in range(2)]
+    probe = weakref.ref(calibration[0]["input_ids"])
+    config = PruningConfig(method="wanda", sparsity=0.5, num_calibration_batches=2)
+    pruning = PruningCallback(config, calibration_data=calibration)
+    key = pruning.calibration_key
+    trainer = Trainer(
+        model=tiny_llama(), args=_targs(tmp_path, max_steps=2), train_dataset=lm_dataset(16), callbacks=[pruning]
+    )
+    trainer.train()
+    restored = PruningCallback(**pruning.state()["args"])  # what restore_callback_states_from_checkpoint builds
+    assert restored.calibration_data is calibration
+    del trainer, pruning, restored, calibration
+    gc.collect()
+    assert key not in pruning_module._LIVE_CALLBACKS
+    assert probe() is None  # nothing in the library holds the user's batches any more
+    assert PruningCallback(config.to_dict() | {"method": "magnitude"}, calibration_key=key).calibration_data is None
