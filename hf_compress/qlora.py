@@ -26,6 +26,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .utils import find_linear_modules, require_backend, unwrap_model
+from .utils import validation as _validation
 from .utils.modules import LINEAR_TYPES
 
 logger = logging.get_logger(__name__)
@@ -59,6 +60,13 @@ def _check_lora_args(lora_r: int, lora_alpha: float | None, lora_dropout: float)
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout={lora_dropout!r} is invalid: it must lie in [0, 1).")
     return float(lora_alpha)
+
+
+def _lora_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA arguments among a call's `locals()`, for `utils.validation.check_lora_arguments`."""
+    names = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save")
+    names += ("gradient_checkpointing", "loftq", "lora_kwargs")
+    return {name: arguments[name] for name in names}
 
 
 def _check_task(task: str) -> None:
@@ -226,6 +234,7 @@ def find_lora_target_modules(
     ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
     ```
     """
+    _validation.check_find_lora_target_modules_arguments(model, target_modules, exclude_modules)
     model = unwrap_model(model)
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
@@ -308,6 +317,9 @@ def prepare_qlora(
     >>> model.print_trainable_parameters()
     ```
     """
+    _validation.check_prepare_qlora_arguments(
+        model, task, loftq_model_path=loftq_model_path, **_lora_arguments(locals())
+    )
     require_backend("peft", "QLoRA adapters")
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
@@ -424,6 +436,18 @@ def load_qlora_model(
     """
     from transformers import AutoConfig
 
+    _validation.check_load_qlora_model_arguments(
+        model_name_or_path,
+        task,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        bnb_4bit_quant_type=bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
+        num_labels=num_labels,
+        device_map=device_map,
+        **_lora_arguments(locals()),
+    )
     _check_task(task)
     _check_lora_args(lora_r, lora_alpha, lora_dropout)
     if load_in_4bit and load_in_8bit:
@@ -712,6 +736,18 @@ def merge_qlora(
     >>> result.metrics["adapter_on_quantized_base"]["eval_perplexity"], result.metrics["merged"]["eval_perplexity"]
     ```
     """
+    _validation.check_merge_qlora_arguments(
+        model_or_adapter_path,
+        requantize=requantize,
+        base_model_name_or_path=base_model_name_or_path,
+        dequantize_base=dequantize_base,
+        dtype=dtype,
+        compute_metrics=compute_metrics,
+        data_collator=data_collator,
+        eval_batch_size=eval_batch_size,
+        overwrite=overwrite,
+        model_kwargs=model_kwargs,
+    )
     require_backend("peft", "Merging a QLoRA adapter")
     from peft import PeftConfig, PeftModel
 

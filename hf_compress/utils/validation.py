@@ -87,14 +87,14 @@ def check_number(
         return None
     if not is_real_number(value):
         raise _type_error(name, value, "a number" + (" or None" if allow_none else ""))
-    value = float(value)
+    given, value = value, float(value)
     bounds = _describe_bounds(low, high, low_inclusive, high_inclusive)
     if not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a finite number{bounds}.")
+        raise ValueError(f"{name}={given!r} is not allowed: it must be a finite number{bounds}.")
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be a number{bounds}.")
+        raise ValueError(f"{name}={given!r} is not allowed: it must be a number{bounds}.")
     return value
 
 
@@ -312,3 +312,179 @@ __all__ = [
     "is_integer",
     "is_real_number",
 ]
+
+
+# ---------------------------------------------------------------------------------------------- QLoRA helpers
+# The argument checks of `hf_compress.qlora`'s public functions, kept here so that module stays as it is: each is
+# called first thing in its function, before a model is loaded or wrapped.
+_LORA_SET_BY_HELPERS = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "task_type")
+
+
+def check_float_dtype(name: str, value: Any) -> Any:
+    """A floating-point torch dtype or its name (`"bfloat16"`, `"torch.float16"`)."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        dtype = value
+    elif isinstance(value, str):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+    else:
+        raise _type_error(name, value, "a torch floating dtype or its name (bfloat16, float16, float32)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"{name}={value!r} is not allowed: dtype {value!r} is not a floating point torch dtype (use bfloat16, "
+            "float16 or float32)."
+        )
+    return value
+
+
+def _check_module_names(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _type_error(name, value, "a list of module names or None")
+
+
+def _check_lora_kwargs(value: Any) -> None:
+    value = check_mapping("lora_kwargs", value)
+    if not value:
+        return
+    import dataclasses
+
+    from peft import LoraConfig
+
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    for key in value:
+        if key in _LORA_SET_BY_HELPERS:
+            raise ValueError(
+                f"lora_kwargs={_short(value)} is not allowed: {key!r} is set by its own argument "
+                f"(lora_r, lora_alpha, lora_dropout, target_modules, modules_to_save, task) or by the task."
+            )
+        if key not in known:
+            raise ValueError(
+                f"lora_kwargs={_short(value)} is not allowed: {key!r} is not a peft.LoraConfig field."
+                + did_you_mean(key, sorted(known))
+            )
+
+
+def check_lora_arguments(
+    *,
+    lora_r: Any,
+    lora_alpha: Any,
+    lora_dropout: Any,
+    target_modules: Any,
+    exclude_modules: Any,
+    modules_to_save: Any,
+    gradient_checkpointing: Any,
+    loftq: Any,
+    lora_kwargs: Any,
+) -> None:
+    """The LoRA arguments shared by `prepare_qlora` and `load_qlora_model`."""
+    check_int("lora_r", lora_r, low=1)
+    check_number("lora_alpha", lora_alpha, low=0.0, low_inclusive=False, allow_none=True)
+    check_number("lora_dropout", lora_dropout, low=0.0, high=1.0, high_inclusive=False)
+    check_patterns("target_modules", target_modules)
+    check_patterns("exclude_modules", exclude_modules)
+    _check_module_names("modules_to_save", modules_to_save)
+    check_bool("gradient_checkpointing", gradient_checkpointing)
+    check_bool("loftq", loftq)
+    _check_lora_kwargs(lora_kwargs)
+
+
+def _check_qlora_task(task: Any, *, allow_none: bool) -> None:
+    # Unknown names are reported by qlora's own check (which also knows what the model supports); types here.
+    if task is None and allow_none:
+        return
+    if not isinstance(task, str):
+        from ..qlora import _TASKS
+
+        raise _type_error("task", task, f"one of {sorted(_TASKS)}" + (" or None" if allow_none else ""))
+
+
+def check_model_argument(name: str, value: Any) -> None:
+    import torch
+
+    if not isinstance(value, torch.nn.Module):
+        raise _type_error(name, value, "a model (torch.nn.Module, e.g. a transformers PreTrainedModel)")
+
+
+def check_model_path(name: str, value: Any) -> str:
+    """A local model folder or a hub name: a path that looks local (`./x`, `/x`, `~/x`, `a/b/c`) must exist."""
+    path = check_path(name, value, allow_none=False)
+    if os.path.exists(os.path.expanduser(path)):
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ValueError(f"{name}={path!r} is not allowed: it is a file; pass the model's folder.")
+        return path
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ValueError(f"{name}={path!r} is not allowed: the folder does not exist.")
+    return path
+
+
+def check_find_lora_target_modules_arguments(model: Any, target_modules: Any, exclude_modules: Any) -> None:
+    check_model_argument("model", model)
+    check_patterns("target_modules", target_modules)
+    check_patterns("exclude_modules", exclude_modules)
+
+
+def check_prepare_qlora_arguments(model: Any, task: Any, *, loftq_model_path: Any, **lora: Any) -> None:
+    check_model_argument("model", model)
+    _check_qlora_task(task, allow_none=True)
+    check_lora_arguments(**lora)
+    check_path("loftq_model_path", loftq_model_path)
+
+
+def check_load_qlora_model_arguments(
+    model_name_or_path: Any,
+    task: Any,
+    *,
+    load_in_4bit: Any,
+    load_in_8bit: Any,
+    bnb_4bit_quant_type: Any,
+    bnb_4bit_use_double_quant: Any,
+    bnb_4bit_compute_dtype: Any,
+    num_labels: Any,
+    device_map: Any,
+    **lora: Any,
+) -> None:
+    check_model_path("model_name_or_path", model_name_or_path)
+    _check_qlora_task(task, allow_none=False)
+    check_lora_arguments(**lora)
+    check_bool("load_in_4bit", load_in_4bit)
+    check_bool("load_in_8bit", load_in_8bit)
+    check_choice("bnb_4bit_quant_type", bnb_4bit_quant_type, ["nf4", "fp4"])
+    check_bool("bnb_4bit_use_double_quant", bnb_4bit_use_double_quant)
+    check_float_dtype("bnb_4bit_compute_dtype", bnb_4bit_compute_dtype)
+    check_int("num_labels", num_labels, low=1, allow_none=True)
+    check_device_map("device_map", device_map)
+
+
+def check_merge_qlora_arguments(
+    model_or_adapter_path: Any,
+    *,
+    requantize: Any,
+    base_model_name_or_path: Any,
+    dequantize_base: Any,
+    dtype: Any,
+    compute_metrics: Any,
+    data_collator: Any,
+    eval_batch_size: Any,
+    overwrite: Any,
+    model_kwargs: Any,
+) -> None:
+    """Every argument of `merge_qlora` but the output folders (whose safety is that function's own business)."""
+    import torch
+
+    if not isinstance(model_or_adapter_path, (str, os.PathLike, torch.nn.Module)):
+        raise _type_error(
+            "model_or_adapter_path", model_or_adapter_path, "a PeftModel or the folder of a saved adapter"
+        )
+    check_choice("requantize", requantize, ["nf4", "int8"], allow_none=True)
+    if base_model_name_or_path is not None:
+        check_model_path("base_model_name_or_path", base_model_name_or_path)
+    check_bool("dequantize_base", dequantize_base)
+    check_float_dtype("dtype", dtype)
+    check_callable("compute_metrics", compute_metrics)
+    check_callable("data_collator", data_collator)
+    check_int("eval_batch_size", eval_batch_size, low=1)
+    check_bool("overwrite", overwrite)
+    check_mapping("model_kwargs", model_kwargs)
