@@ -23,7 +23,7 @@ from ..utils.reliability import (
     honour_ddp_timeout,
     saved_callback_state,
 )
-from ..utils.validation import InvalidArgumentTypeError, check_path, check_writable_folder
+from ..utils.validation import InvalidArgumentTypeError, check_writable_folder
 from .checkpoint import MASKS_NAME, load_verified_masks, save_masks
 from .config import PruningConfig
 from .schedule import is_pruning_step, last_pruning_step_at_or_before, sparsity_at_step
@@ -121,10 +121,14 @@ class PruningCallback(TrainerCallback, ExportableState):
 
     def __init__(self, config: PruningConfig | dict, calibration_data=None, calibration_key: str | None = None):
         if isinstance(config, dict):
-            config = PruningConfig(**config)
+            try:
+                config = PruningConfig(**config)
+            except TypeError as err:  # an unknown key: name the argument it came in
+                raise InvalidArgumentTypeError(f"config={config!r} is not a valid PruningConfig: {err}.") from None
         if not isinstance(config, PruningConfig):
             raise InvalidArgumentTypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}.")
-        check_path("calibration_key", calibration_key)
+        if calibration_key is not None and (not isinstance(calibration_key, str) or not calibration_key):
+            raise InvalidArgumentTypeError(f"calibration_key={calibration_key!r} must be a non-empty string or None.")
         if calibration_data is None and calibration_key is not None:
             previous = _LIVE_CALLBACKS.get(calibration_key)
             calibration_data = previous.calibration_data if previous is not None else None

@@ -318,7 +318,7 @@ class PostTrainingQuantizationCallback(TrainerCallback):
         if unknown:
             raise ValueError(f"Unknown quantization options {unknown}; allowed: {sorted(allowed)}.")
         # Validates the method (with a did-you-mean), its backend (install hint) and the option values now.
-        build_quantization_config(method, **{k: v for k, v in quantize_kwargs.items() if k != "skip_modules"})
+        build_quantization_config(method, **quantize_kwargs)
         self.method = method
         check_path("prefix", prefix)
         self.prefix = prefix or "ptq_" + method.replace("-", "_")

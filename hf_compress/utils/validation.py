@@ -395,7 +395,7 @@ def _check_qlora_task(task: Any, *, allow_none: bool) -> None:
     # Unknown names are reported by qlora's own check (which also knows what the model supports); types here.
     if task is None and allow_none:
         return
-    if not isinstance(task, str):
+    if not isinstance(task, str) or not task:
         from ..qlora import _TASKS
 
         raise _type_error("task", task, f"one of {sorted(_TASKS)}" + (" or None" if allow_none else ""))
