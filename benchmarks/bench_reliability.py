@@ -46,9 +46,24 @@ def build(task: str, vocab: int, hidden: int):
     )
 
 
-def run(task: str, rounds: int, warmup: int, batch_size: int, seq: int, vocab: int, hidden: int) -> dict:
-    teacher, student, labels = build(task, vocab, hidden)
-    common = dict(report_to="none", use_cpu=True, save_strategy="no", learning_rate=1e-5, disable_tqdm=True)
+def run(
+    task: str,
+    rounds: int,
+    warmup: int,
+    batch_size: int,
+    seq: int,
+    vocab: int,
+    hidden: int,
+    *,
+    models: tuple | None = None,
+    device: str = "cpu",
+    bf16: bool = False,
+) -> dict:
+    """`models=(teacher, student, labels_fn)` replaces the built-in pair (benchmarks/gpu/guard_overhead.py)."""
+    teacher, student, labels = models if models is not None else build(task, vocab, hidden)
+    common = dict(
+        report_to="none", use_cpu=device == "cpu", save_strategy="no", learning_rate=1e-5, disable_tqdm=True, bf16=bf16
+    )
     trainers = {}
     for policy in ("raise", "off"):
         trainer = DistillationTrainer(
@@ -63,20 +78,27 @@ def run(task: str, rounds: int, warmup: int, batch_size: int, seq: int, vocab: i
     data = []
     for _ in range(4):
         ids = torch.randint(5, vocab, (batch_size, seq), generator=g)
-        data.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels(ids)})
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels(ids)}
+        data.append({k: v.to(device) for k, v in batch.items()})
 
     def step(trainer, batch):
         trainer.training_step(trainer.model, batch)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
 
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     times = {policy: [] for policy in trainers}
     for i in range(warmup + rounds):
         batch = data[i % len(data)]
         order = list(trainers) if i % 2 == 0 else list(reversed(trainers))
         for policy in order:
+            sync()
             start = time.perf_counter()
             step(trainers[policy], batch)
+            sync()
             if i >= warmup:
                 times[policy].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -84,9 +106,10 @@ def run(task: str, rounds: int, warmup: int, batch_size: int, seq: int, vocab: i
     from hf_compress.distillation.guard import bad_parts, loss_flags, prepare_batch_checks
 
     trainer, batch = trainers["raise"], data[0]
-    parts = {"loss": torch.tensor(1.0), "loss_distill": torch.tensor(0.5), "loss_task": torch.tensor(0.7)}
+    parts = {name: torch.tensor(value, device=device) for name, value in (("loss", 1.0), ("loss_distill", 0.5))}
     guard_times = []
     for _ in range(200):
+        sync()
         start = time.perf_counter()
         _, flags = prepare_batch_checks(
             batch, input_id_limit=trainer._input_id_limit, label_limit=trainer._label_limit

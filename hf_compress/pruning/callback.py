@@ -232,8 +232,8 @@ class PruningCallback(TrainerCallback, ExportableState):
             masks = load_verified_masks(path, self._modules, self.config, self.sparsity_target)
         elif resumed_checkpoint_folder(args) is not None:
             raise CorruptCheckpointError(
-                f"{os.path.join(resumed_checkpoint_folder(args), MASKS_NAME)} is missing, but the checkpoint's trainer "
-                f"state records pruning at step {self.last_pruning_step}: the save was interrupted. Resume from an "
+                f"{os.path.join(resumed_checkpoint_folder(args), MASKS_NAME)} is missing, but the checkpoint's "
+                f"trainer state records pruning at step {self.last_pruning_step}: the save was interrupted. Resume from an "
                 "earlier checkpoint (trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir)))."
             )
         else:
@@ -262,8 +262,8 @@ class PruningCallback(TrainerCallback, ExportableState):
             reachable = sparsity_at_step(config, reachable_step) if reachable_step is not None else 0.0
             logger.warning(
                 f"PruningCallback: end_step={last} is after the run's last step (max_steps={max_steps}): the schedule "
-                f"stops at step {reachable_step} with sparsity {reachable:.4f} instead of {config.target_sparsity:.4f}."
-                " Lower end_step or train longer to reach the target."
+                f"stops at step {reachable_step} with sparsity {reachable:.4f} instead of "
+                f"{config.target_sparsity:.4f}. Lower end_step or train longer to reach the target."
             )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -272,7 +272,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         model = unwrap_model(model)
         self._modules = get_pruning_targets(model, self.config)
         self.masks = {}
-        self._check_schedule_fits(state.max_steps or args.max_steps)
+        self._check_schedule_fits(getattr(state, "max_steps", 0) or getattr(args, "max_steps", 0))
         ensure_callback_state_slot(state, self)  # a resumed checkpoint without this callback must still save
         honour_ddp_timeout(args)
         self._ddp_timeout = getattr(args, "ddp_timeout", None)

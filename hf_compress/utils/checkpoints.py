@@ -89,12 +89,13 @@ def read_verified_bytes(path: str | os.PathLike, *, require_checksum: bool = Fal
     if not recorded or recorded[0] != actual:
         raise CorruptCheckpointError(
             f"{path}: checksum mismatch: the file's sha256 is {actual[:16]}..., {sidecar} records "
-            f"{(recorded[0] if recorded else '<empty>')[:16]}...; the file was changed or corrupted after it was saved."
+            f"{(recorded[0] if recorded else '<empty>')[:16]}...; the file was changed or corrupted after it was "
+            "saved."
         )
     return data, True
 
 
-# ---------------------------------------------------------------------------------------------- reading without loading
+# ------------------------------------------------------------------------------------- reading without loading
 def safetensors_header(data_or_path: bytes | str | os.PathLike, name: str | None = None) -> dict[str, Any]:
     """The JSON header of a safetensors file (its tensors' dtypes, shapes, offsets and `__metadata__`), after
     checking that the file is as long as the header says. Reads only the header for a path.

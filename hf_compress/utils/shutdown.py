@@ -50,8 +50,8 @@ class GracefulShutdownCallback(TrainerCallback):
         exit_code (`int`, *optional*): the process's exit status after the save. Defaults to 128 + the signal
             number (143 for SIGTERM), the status of a process ended by that signal, so `train.py && export.py` does
             not go on with an unfinished model and schedulers see an interrupted job. `0` exits as a success.
-        exit_process (`bool`, *optional*, defaults to `True`): `False` stops training and returns from `trainer.train()`
-            instead of exiting (check `callback.received_signal`); `on_train_end` then runs as for a finished run.
+        exit_process (`bool`, *optional*, defaults to `True`): `False` stops training and returns from
+            `trainer.train()` instead of exiting (check `callback.received_signal`); `on_train_end` then runs as for a finished run.
 
     Example:
 
