@@ -106,6 +106,8 @@ def main() -> None:
         f"{totals['accepted']} | {totals['valid-ok']}/{totals['valid-ok'] + totals['valid-rejected']} |"
     )
     for name, items in failures.items():
+        if not items:
+            continue
         print(f"\n{name}:")
         for item in items:
             print("  -", item)
