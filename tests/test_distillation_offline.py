@@ -141,39 +141,44 @@ def _bins_forward_kl_formula(student, ids, probs, rest, temperature):
     total = 0.0
     for s, i, p, r in zip(student.double(), ids, probs.double(), rest.double()):
         q = torch.softmax(s / temperature, -1)
-        q_k = q[i]
+        off = torch.ones_like(q, dtype=torch.bool)
+        off[i] = False
         t = torch.cat([p, r[None]]) / (p.sum() + r)
-        b = torch.cat([q_k, (1 - q_k.sum())[None]])
+        b = torch.cat([q[i], q[off].sum()[None]])  # the tail summed, not 1 - sum(q_k): that cancels near 1
         total = total + (t * (t.log() - b.log())).sum() * temperature**2
     return total
 
 
-def test_sparse_forward_kl_on_topk_bins_matches_the_formula_and_autograd():
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_sparse_forward_kl_on_topk_bins_matches_the_formula_and_autograd(temperature):
     g = torch.Generator().manual_seed(0)
     student = torch.randn(5, 11, generator=g, dtype=torch.float64).float().requires_grad_()
     teacher = torch.randn(5, 11, generator=g) * 2
-    t_probs = torch.softmax(teacher / 1.5, -1)
+    t_probs = torch.softmax(teacher / temperature, -1)
     probs, ids = t_probs.topk(4, -1)
     rest = 1 - probs.sum(-1)
     labels = torch.randint(0, 11, (5,), generator=g)
     mask = torch.tensor([True, True, False, True, True])
+    with torch.no_grad():  # row 1: a student sure of the teacher's top 4 (mass 1e-13 elsewhere, far below fp32's eps)
+        student[1] = 0.0
+        student[1, ids[1]] = 30.0 + torch.arange(4.0)
 
     total, kl, ce = sparse_forward_kl_and_cross_entropy(
-        student, ids, probs, rest, None, labels, temperature=1.5, alpha=0.3, mask=mask, chunk_elements=22
+        student, ids, probs, rest, None, labels, temperature=temperature, alpha=0.3, mask=mask, chunk_elements=22
     )
     (grad_fused,) = torch.autograd.grad(total, student)
-    expected_kl = _bins_forward_kl_formula(student[mask], ids[mask], probs[mask], rest[mask], 1.5)
+    expected_kl = _bins_forward_kl_formula(student[mask], ids[mask], probs[mask], rest[mask], temperature)
     expected_ce = torch.nn.functional.cross_entropy(student[mask].double(), labels[mask], reduction="sum")
     torch.testing.assert_close(kl.double(), expected_kl.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ce.double(), expected_ce.detach(), rtol=1e-5, atol=1e-6)
-    reference = 0.3 * _bins_forward_kl_formula(student[mask], ids[mask], probs[mask], rest[mask], 1.5)
+    reference = 0.3 * _bins_forward_kl_formula(student[mask], ids[mask], probs[mask], rest[mask], temperature)
     reference = reference + 0.7 * torch.nn.functional.cross_entropy(
         student[mask].double(), labels[mask], reduction="sum"
     )
     (grad_reference,) = torch.autograd.grad(reference, student)
     torch.testing.assert_close(grad_fused, grad_reference.float(), rtol=1e-4, atol=1e-6)
     # the autograd (k + 1)-bin path agrees with the fused one
-    bins = sparse_distillation_loss(student, ids, probs, rest, "forward_kl", 1.5, mask=mask, reduction="sum")
+    bins = sparse_distillation_loss(student, ids, probs, rest, "forward_kl", temperature, mask=mask, reduction="sum")
     torch.testing.assert_close(bins, kl, rtol=1e-5, atol=1e-6)
 
 

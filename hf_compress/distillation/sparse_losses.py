@@ -62,12 +62,20 @@ def _normalised(probs: torch.Tensor, rest: torch.Tensor | None) -> tuple[torch.T
     return probs / total.unsqueeze(-1), (rest / total if rest is not None else None)
 
 
+# Rows whose student mass off the stored ids is below this get their tail log-mass from the logits themselves:
+# log(1 - sum q_k) cancels catastrophically in float32 as that mass nears 0.
+_ACCURATE_TAIL_BELOW = 1e-3
+
+
 class _SparseForwardKLAndCrossEntropy(torch.autograd.Function):
     """alpha * forward-KL(T) on sparse targets + (1 - alpha) * cross-entropy, summed over rows, gradient in forward.
 
     Written by hand like `_FusedForwardKLAndCrossEntropy` (no library computes a KL against sparse targets with a
-    rest bin): with z = s / T, q = softmax(z) and the target distribution u (the teacher's bins, the rest mass spread
-    over the student's tail as q_i / (1 - Q)), d(KL * T²)/ds = T * (q - u), so each chunk of rows is processed once.
+    rest bin). With z = s / T, q = softmax(z), teacher bins p on the stored ids K and rest mass r, the target is
+    u_i = p_i on K and u_i = c q_i off K, with c = r / (1 - sum_K q) (the rest mass spread as the student's own
+    tail), and d(KL * T²)/ds = T (q - u). The gradient is therefore one dense pass, q times a per-row factor, written
+    straight into the gradient buffer, plus sparse corrections at the k ids and at the label: a few passes over the
+    logits per chunk of rows, so training from a cache costs little more than cross-entropy.
     """
 
     @staticmethod
@@ -77,59 +85,88 @@ class _SparseForwardKLAndCrossEntropy(torch.autograd.Function):
         kl_sum = student_logits.new_zeros((), dtype=torch.float32)
         ce_sum = student_logits.new_zeros((), dtype=torch.float32)
         step = max(1, chunk_elements // max(width, 1))
+        unit_temperature = temperature == 1.0
+        tiny = torch.finfo(torch.float32).tiny
         for start in range(0, rows, step):
             end = min(rows, start + step)
-            s = student_logits[start:end].float()
-            z = s / temperature if temperature != 1.0 else s
-            lse = torch.logsumexp(z, -1, keepdim=True)
-            log_q = z - lse
+            s = student_logits[start:end]
+            z = s.to(torch.float32, copy=True)
+            if not unit_temperature:
+                z.div_(temperature)
+            lse = torch.logsumexp(z, -1)
             idx = ids[start:end]
             p, r = _normalised(probs[start:end], rest[start:end] if rest is not None else None)
-            cross = -(p * log_q.gather(-1, idx)).sum(-1)
-            target = torch.zeros_like(z).scatter_add_(-1, idx, p)
+            w = keep[start:end].to(torch.float32) if keep is not None else torch.ones_like(lse)
+            log_q_k = z.gather(-1, idx) - lse.unsqueeze(-1)
+            q_k = log_q_k.exp()
+            cross = -(p * log_q_k).sum(-1)
+            c = None
             if r is not None:
-                # The tail: every token but the k stored ones. Its log-mass is computed from the logits themselves
-                # (not as log(1 - sum q_k), which cancels catastrophically when the student is confident).
-                z_tail = z.scatter(-1, idx, float("-inf"))
-                lse_tail = torch.logsumexp(z_tail, -1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-                cross = cross - r * (lse_tail - lse).squeeze(-1)
-                target.add_(z_tail.sub_(lse_tail).exp_().mul_(r.unsqueeze(-1)))
-                del z_tail
+                log_tail = torch.log((1.0 - q_k.sum(-1)).clamp_min(tiny))  # log of the student's mass off K
+                close = (q_k.sum(-1) > 1.0 - _ACCURATE_TAIL_BELOW) & (w > 0)
+                sub = close.nonzero().squeeze(-1)
+                if sub.numel():
+                    z_tail = z[sub].scatter_(-1, idx[sub], float("-inf"))
+                    log_tail[sub] = torch.logsumexp(z_tail, -1) - lse[sub]
+                    del z_tail
+                cross = cross - r * log_tail
+                c = r * torch.exp(-log_tail)
             if neg_entropy is not None:
                 const = neg_entropy[start:end].float()
             else:
                 const = torch.xlogy(p, p).sum(-1) + (torch.xlogy(r, r) if r is not None else 0.0)
             kl_rows = (const + cross) * temperature**2
-            g = log_q.exp().sub_(target).mul_(alpha * temperature)  # d(alpha * KL * T²)/ds
-            del target
-            weight = keep[start:end].to(torch.float32) if keep is not None else None
-            if weight is not None:
-                kl_rows = kl_rows * weight
-            kl_sum += kl_rows.sum()
+            kl_sum += torch.where(w > 0, kl_rows, 0.0).sum()
+
+            a = (alpha * temperature) * w  # per-row weight of the KL gradient
+            factor = a * (1.0 - c) if c is not None else a.clone()
             if alpha < 1.0:
                 y = labels[start:end]
-                valid = y != -100
-                if keep is not None:
-                    valid = valid & keep[start:end]
-                log_p1 = log_q if temperature == 1.0 else torch.log_softmax(s, dim=-1)
+                valid = (y != -100) & (w > 0)
                 safe_y = y.clamp_min(0).unsqueeze(-1)
-                ce_sum += (-log_p1.gather(-1, safe_y).squeeze(-1) * valid).sum()
-                p1 = log_p1.exp()
-                p1.scatter_add_(-1, safe_y, torch.full_like(safe_y, -1.0, dtype=p1.dtype))
-                g.add_(p1.mul_((1.0 - alpha) * valid.unsqueeze(-1)))
-            if weight is not None:
-                g.mul_(weight.unsqueeze(-1))
-            grad[start:end] = g
+                b = (1.0 - alpha) * valid.to(torch.float32)  # per-row weight of the cross-entropy gradient
+                if unit_temperature:
+                    log_p1_y = z.gather(-1, safe_y).squeeze(-1) - lse
+                    factor = factor + b
+                else:
+                    s1 = s.to(torch.float32, copy=True)
+                    lse1 = torch.logsumexp(s1, -1)
+                    log_p1_y = s1.gather(-1, safe_y).squeeze(-1) - lse1
+                    p1_k = (s1.gather(-1, idx) - lse1.unsqueeze(-1)).exp()
+                ce_sum += -(log_p1_y * valid).sum()
+            out = grad[start:end]
+            torch.sub(z, lse.unsqueeze(-1), out=out)
+            del z
+            out.exp_().mul_(factor.unsqueeze(-1))  # q times the per-row factor
+            if alpha < 1.0 and not unit_temperature:
+                out.add_(s1.sub_(lse1.unsqueeze(-1)).exp_().mul_(b.unsqueeze(-1)))  # + b * softmax(s)
+                del s1
+            # At the stored ids the KL gradient is a (q - p), not a (1 - c) q.
+            if c is not None:
+                # topk: ids unique per row, so the value is written (c can be huge, a correction would cancel).
+                k_value = a.unsqueeze(-1) * (q_k - p)
+                if alpha < 1.0:
+                    k_value += b.unsqueeze(-1) * (q_k if unit_temperature else p1_k)
+                out.scatter_(-1, idx, k_value)
+            else:
+                # sampled (c = 0): add -a p; padding entries (p = 0, repeated ids) add nothing.
+                out.scatter_add_(-1, idx, p.mul(a.unsqueeze(-1)).neg_())
+            if alpha < 1.0:
+                out.scatter_add_(-1, safe_y, -b.unsqueeze(-1))
         ctx.save_for_backward(grad)
         ctx.dtype = student_logits.dtype
+        ctx.used = False
         total = alpha * kl_sum + (1.0 - alpha) * ce_sum
         ctx.mark_non_differentiable(kl_sum, ce_sum)
         return total, kl_sum, ce_sum
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kl, _grad_ce):
+        if ctx.used:  # the buffer is scaled in place (no second logits-sized copy)
+            raise RuntimeError("backward through sparse_forward_kl_and_cross_entropy can run only once.")
+        ctx.used = True
         (grad,) = ctx.saved_tensors
-        return (grad * grad_total).to(ctx.dtype), *([None] * 9)
+        return grad.mul_(grad_total).to(ctx.dtype), *([None] * 9)
 
 
 def sparse_forward_kl_and_cross_entropy(
