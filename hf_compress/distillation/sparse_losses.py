@@ -90,25 +90,26 @@ class _SparseForwardKLAndCrossEntropy(torch.autograd.Function):
         for start in range(0, rows, step):
             end = min(rows, start + step)
             s = student_logits[start:end]
-            z = s.to(torch.float32, copy=True)
-            if not unit_temperature:
-                z.div_(temperature)
-            lse = torch.logsumexp(z, -1)
+            if unit_temperature:  # one fused kernel reads the (bf16) logits and writes fp32 log-probabilities
+                log_q = torch.log_softmax(s, -1, dtype=torch.float32)
+            else:
+                log_q = torch.log_softmax(s.to(torch.float32, copy=True).div_(temperature), -1)
             idx = ids[start:end]
             p, r = _normalised(probs[start:end], rest[start:end] if rest is not None else None)
-            w = keep[start:end].to(torch.float32) if keep is not None else torch.ones_like(lse)
-            log_q_k = z.gather(-1, idx) - lse.unsqueeze(-1)
+            w = keep[start:end].to(torch.float32) if keep is not None else log_q.new_ones(end - start)
+            log_q_k = log_q.gather(-1, idx)
             q_k = log_q_k.exp()
             cross = -(p * log_q_k).sum(-1)
             c = None
             if r is not None:
-                log_tail = torch.log((1.0 - q_k.sum(-1)).clamp_min(tiny))  # log of the student's mass off K
-                close = (q_k.sum(-1) > 1.0 - _ACCURATE_TAIL_BELOW) & (w > 0)
-                sub = close.nonzero().squeeze(-1)
+                mass_k = q_k.sum(-1)
+                log_tail = torch.log((1.0 - mass_k).clamp_min(tiny))  # log of the student's mass off K
+                sub = ((mass_k > 1.0 - _ACCURATE_TAIL_BELOW) & (w > 0)).nonzero().squeeze(-1)
                 if sub.numel():
-                    z_tail = z[sub].scatter_(-1, idx[sub], float("-inf"))
-                    log_tail[sub] = torch.logsumexp(z_tail, -1) - lse[sub]
-                    del z_tail
+                    z = s[sub].float() / temperature
+                    tail = z.scatter(-1, idx[sub], float("-inf"))
+                    log_tail[sub] = torch.logsumexp(tail, -1) - torch.logsumexp(z, -1)
+                    del z, tail
                 cross = cross - r * log_tail
                 c = r * torch.exp(-log_tail)
             if neg_entropy is not None:
@@ -126,21 +127,20 @@ class _SparseForwardKLAndCrossEntropy(torch.autograd.Function):
                 safe_y = y.clamp_min(0).unsqueeze(-1)
                 b = (1.0 - alpha) * valid.to(torch.float32)  # per-row weight of the cross-entropy gradient
                 if unit_temperature:
-                    log_p1_y = z.gather(-1, safe_y).squeeze(-1) - lse
+                    log_p1 = log_q
                     factor = factor + b
                 else:
-                    s1 = s.to(torch.float32, copy=True)
-                    lse1 = torch.logsumexp(s1, -1)
-                    log_p1_y = s1.gather(-1, safe_y).squeeze(-1) - lse1
-                    p1_k = (s1.gather(-1, idx) - lse1.unsqueeze(-1)).exp()
-                ce_sum += -(log_p1_y * valid).sum()
+                    log_p1 = torch.log_softmax(s, -1, dtype=torch.float32)
+                    p1_k = log_p1.gather(-1, idx).exp()
+                ce_sum += -(log_p1.gather(-1, safe_y).squeeze(-1) * valid).sum()
             out = grad[start:end]
-            torch.sub(z, lse.unsqueeze(-1), out=out)
-            del z
-            out.exp_().mul_(factor.unsqueeze(-1))  # q times the per-row factor
+            torch.exp(log_q, out=out)
+            del log_q
+            out.mul_(factor.unsqueeze(-1))  # q times the per-row factor
             if alpha < 1.0 and not unit_temperature:
-                out.add_(s1.sub_(lse1.unsqueeze(-1)).exp_().mul_(b.unsqueeze(-1)))  # + b * softmax(s)
-                del s1
+                out.add_(log_p1.exp_().mul_(b.unsqueeze(-1)))  # + b * softmax(s)
+            if alpha < 1.0:
+                del log_p1
             # At the stored ids the KL gradient is a (q - p), not a (1 - c) q.
             if c is not None:
                 # topk: ids unique per row, so the value is written (c can be huge, a correction would cancel).

@@ -90,12 +90,21 @@ def _hidden_width(model: nn.Module) -> int | None:
     return None
 
 
-def _same_width(width: int | None, expected: int | None) -> int | None:
-    if width != expected:
-        raise ValueError(
-            f"cached teacher targets of another vocabulary width ({width}) than the train set's ({expected})."
-        )
-    return width
+class _CachedTargetsCheck:
+    """Refuses cached targets the run cannot use (picklable, so dataloader workers can run it on each new setting)."""
+
+    def __init__(self, **settings: Any):
+        self.settings = settings
+        self.shared_width: int | None | str = "unset"  # the train set's, once checked
+
+    def __call__(self, spec: CachedTargetsSpec, name: str = "a batch") -> int | None:
+        width = check_spec_for_training(spec, name=name, **self.settings)
+        if self.shared_width != "unset" and width != self.shared_width:
+            raise ValueError(
+                f"{name}: cached teacher targets over {spec.vocab_size} tokens, but the train set's cover "
+                f"{self.shared_width}."
+            )
+        return width
 
 
 def _is_iterable_dataset(dataset) -> bool:
@@ -467,24 +476,18 @@ class DistillationTrainer(Trainer):
                 "teacher_model: DistillationTrainer needs a teacher (a model, or a name/path to load), or a "
                 "train_dataset carrying cached teacher targets (made by cache_teacher_logits); train_dataset has none."
             )
-        width = _output_width(model, self.task)
         tokenizer = kwargs.get("processing_class")
-        tokenizer_length = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
-
-        def check(spec: CachedTargetsSpec, name: str) -> int | None:
-            return check_spec_for_training(
-                spec,
-                name=name,
-                task=self.task,
-                temperature=args.temperature,
-                loss_type=args.loss_type,
-                hidden_loss_weight=args.hidden_loss_weight,
-                student_width=width,
-                tokenizer_length=tokenizer_length,
-            )
-
+        check = _CachedTargetsCheck(
+            task=self.task,
+            temperature=args.temperature,
+            loss_type=args.loss_type,
+            hidden_loss_weight=args.hidden_loss_weight,
+            student_width=_output_width(model, self.task),
+            tokenizer_length=len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None,
+        )
         self._shared_width = check(spec, "train_dataset")
-        self._cached_targets_check = lambda batch_spec: _same_width(check(batch_spec, "a batch"), self._shared_width)
+        check.shared_width = self._shared_width
+        self._cached_targets_check = check
         eval_sets = kwargs.get("eval_dataset")
         eval_sets = eval_sets if isinstance(eval_sets, dict) else {"": eval_sets}
         datasets_to_check = [("train_dataset", train, spec)]
@@ -492,7 +495,7 @@ class DistillationTrainer(Trainer):
             name = f"eval_dataset[{key!r}]" if key else "eval_dataset"
             eval_spec = cached_targets_spec(dataset, name)
             if eval_spec is not None:  # an eval set without a cache is scored with the task loss alone
-                _same_width(check(eval_spec, name), self._shared_width)
+                check(eval_spec, name)
                 datasets_to_check.append((name, dataset, eval_spec))
         for name, dataset, dataset_spec in datasets_to_check:
             if not isinstance(dataset, torch.utils.data.IterableDataset) and not _is_iterable_dataset(dataset):
