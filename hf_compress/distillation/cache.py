@@ -16,6 +16,7 @@ run resumes without recomputing (or trusting unverified) finished shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -632,7 +633,8 @@ def cache_teacher_logits(
     full = concatenate_datasets([base, targets], axis=1)
     for stale in output.glob("data-*.arrow"):
         stale.unlink()
-    full.save_to_disk(str(output))
+    with _quiet_datasets(not progress):
+        full.save_to_disk(str(output))
     final = load_from_disk(str(output))
     manifest["complete"] = True
     _write_json(manifest_path, manifest)
@@ -664,8 +666,24 @@ def _save_shard(builder: _Shard, path: Path) -> None:
     for folder in (tmp, path):
         if folder.exists():
             shutil.rmtree(folder)
-    Dataset(InMemoryTable(builder.table())).save_to_disk(str(tmp))
+    with _quiet_datasets():
+        Dataset(InMemoryTable(builder.table())).save_to_disk(str(tmp))
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _quiet_datasets(quiet: bool = True):
+    """No "Saving the dataset" bar per shard: the caching bar says it all."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if quiet and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if quiet and not was_disabled:
+            enable_progress_bars()
 
 
 def _verified_final(output: Path, hashes: np.ndarray, spec: CachedTargetsSpec):
