@@ -196,7 +196,9 @@ def sparse_forward_kl_and_cross_entropy(
     )
     y = labels.reshape(-1) if labels is not None else None
     if chunk_elements is None:
-        chunk_elements = 1 << 18 if s.device.type == "cpu" else 1 << 26
+        # Few, large chunks: each chunk costs a few dozen kernel launches (GPU) or threaded ops (CPU, where small
+        # ops pay the thread wake-up each time: 2**18-element chunks measured 4.5x slower than 2**22 on 2 cores).
+        chunk_elements = 1 << 22 if s.device.type == "cpu" else 1 << 26
     total, kl_sum, ce_sum = _SparseForwardKLAndCrossEntropy.apply(
         s, ids, probs, rest, negent, y, keep, float(temperature), float(alpha), int(chunk_elements)
     )
