@@ -62,11 +62,6 @@ def _normalised(probs: torch.Tensor, rest: torch.Tensor | None) -> tuple[torch.T
     return probs / total.unsqueeze(-1), (rest / total if rest is not None else None)
 
 
-# Rows whose student mass off the stored ids is below this get their tail log-mass from the logits themselves:
-# log(1 - sum q_k) cancels catastrophically in float32 as that mass nears 0.
-_ACCURATE_TAIL_BELOW = 1e-3
-
-
 class _SparseForwardKLAndCrossEntropy(torch.autograd.Function):
     """alpha * forward-KL(T) on sparse targets + (1 - alpha) * cross-entropy, summed over rows, gradient in forward.
 
@@ -100,45 +95,39 @@ class _SparseForwardKLAndCrossEntropy(torch.autograd.Function):
             log_q_k = log_q.gather(-1, idx)
             q_k = log_q_k.exp()
             cross = -(p * log_q_k).sum(-1)
-            c = None
-            if r is not None:
-                mass_k = q_k.sum(-1)
-                log_tail = torch.log((1.0 - mass_k).clamp_min(tiny))  # log of the student's mass off K
-                sub = ((mass_k > 1.0 - _ACCURATE_TAIL_BELOW) & (w > 0)).nonzero().squeeze(-1)
-                if sub.numel():
-                    z = s[sub].float() / temperature
-                    tail = z.scatter(-1, idx[sub], float("-inf"))
-                    log_tail[sub] = torch.logsumexp(tail, -1) - torch.logsumexp(z, -1)
-                    del z, tail
-                cross = cross - r * log_tail
-                c = r * torch.exp(-log_tail)
-            if neg_entropy is not None:
-                const = neg_entropy[start:end].float()
-            else:
-                const = torch.xlogy(p, p).sum(-1) + (torch.xlogy(r, r) if r is not None else 0.0)
-            kl_rows = (const + cross) * temperature**2
-            kl_sum += torch.where(w > 0, kl_rows, 0.0).sum()
-
-            a = (alpha * temperature) * w  # per-row weight of the KL gradient
-            factor = a * (1.0 - c) if c is not None else a.clone()
             if alpha < 1.0:
                 y = labels[start:end]
                 valid = (y != -100) & (w > 0)
                 safe_y = y.clamp_min(0).unsqueeze(-1)
                 b = (1.0 - alpha) * valid.to(torch.float32)  # per-row weight of the cross-entropy gradient
-                if unit_temperature:
-                    log_p1 = log_q
-                    factor = factor + b
-                else:
-                    log_p1 = torch.log_softmax(s, -1, dtype=torch.float32)
-                    p1_k = log_p1.gather(-1, idx).exp()
+                log_p1 = log_q if unit_temperature else torch.log_softmax(s, -1, dtype=torch.float32)
                 ce_sum += -(log_p1.gather(-1, safe_y).squeeze(-1) * valid).sum()
+                if not unit_temperature:
+                    p1_k = log_p1.gather(-1, idx).exp()
             out = grad[start:end]
-            torch.exp(log_q, out=out)
+            torch.exp(log_q, out=out)  # q, written straight into the gradient buffer
             del log_q
-            out.mul_(factor.unsqueeze(-1))  # q times the per-row factor
+            c = None
+            if r is not None:
+                # The student's mass off the stored ids, summed over those tokens (log(1 - sum q_k) would cancel
+                # catastrophically for a confident student). The stored ids' entries are rewritten below.
+                out.scatter_(-1, idx, 0.0)
+                tail = out.sum(-1).clamp_min(tiny)
+                cross = cross - r * tail.log()
+                c = r / tail
+            if neg_entropy is not None:
+                const = neg_entropy[start:end].float()
+            else:
+                const = torch.xlogy(p, p).sum(-1) + (torch.xlogy(r, r) if r is not None else 0.0)
+            kl_sum += torch.where(w > 0, (const + cross) * temperature**2, 0.0).sum()
+
+            a = (alpha * temperature) * w  # per-row weight of the KL gradient
+            factor = a * (1.0 - c) if c is not None else a
+            if alpha < 1.0 and unit_temperature:
+                factor = factor + b
+            out.mul_(factor.unsqueeze(-1))  # off the stored ids: a (1 - c) q (+ b q)
             if alpha < 1.0 and not unit_temperature:
-                out.add_(log_p1.exp_().mul_(b.unsqueeze(-1)))  # + b * softmax(s)
+                out.add_(log_p1.exp_().mul_(b.unsqueeze(-1)))  # + b softmax(s)
             if alpha < 1.0:
                 del log_p1
             # At the stored ids the KL gradient is a (q - p), not a (1 - c) q.
