@@ -481,3 +481,33 @@ def test_pruning_and_qat_callbacks_train_from_cached_targets(tmp_path, callback)
     assert moved
     metrics = trainer.evaluate()
     assert math.isfinite(metrics["eval_loss"]) and "eval_loss_task" in metrics
+
+
+@pytest.mark.multiprocess
+def test_ddp_two_processes_train_from_cached_targets(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _cache(tiny_llama(seed=1), _lm_rows(n=16), tmp_path / "cache", method="sampled", num_samples=16)
+    script = Path(__file__).parent / "scripts" / "ddp_offline_distill.py"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    proc = subprocess.run(
+        cmd + [str(script), str(tmp_path), str(tmp_path / "cache")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    info = json.loads((tmp_path / "rank0.json").read_text())
+    assert info["world_size"] == 2 and info["changed"] and len(info["loss_distill"]) == 3
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
