@@ -25,6 +25,8 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
         "reverse_kl_loss",
     ],
     "distillation.student": ["create_student"],
+    "distillation.cache": ["CachedTeacherLogits", "cache_teacher_logits"],
+    "distillation.sparse_losses": ["sparse_distillation_loss", "sparse_forward_kl_and_cross_entropy"],
     "pruning.config": ["PruningConfig"],
     "pruning.unstructured": ["make_pruning_permanent_", "prune_"],
     "pruning.callback": ["PruningCallback"],
