@@ -39,7 +39,14 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
     "metrics": ["classification_metrics", "compute_perplexity", "make_compute_metrics"],
     "reporting": ["CompressionReport", "CompressionReportCallback", "compression_report"],
     "recipes": ["Recipe", "load_recipe", "run_recipe"],
-    "utils.loading": ["smollm2_folder", "strip_gguf_quantization_"],
+    "utils.loading": [
+        "find_packaged_gguf",
+        "gguf_to_folder",
+        "load_pretrained",
+        "load_tokenizer",
+        "smollm2_folder",
+        "strip_gguf_quantization_",
+    ],
     "utils.imports": [
         "is_bitsandbytes_available",
         "is_peft_available",

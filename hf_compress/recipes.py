@@ -496,7 +496,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     stage before the first one runs.
     """
     import torch
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding, Trainer
 
     from .distillation import DistillationTrainer
     from .metrics import make_compute_metrics
@@ -514,7 +514,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
         if p.is_dir():
             shutil.rmtree(p)
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer or recipe.model)
+    from .utils.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)  # a `.gguf` model carries its tokenizer
     train_set, eval_set = _load_data(recipe, tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
     compute_metrics = make_compute_metrics("classification")

@@ -129,6 +129,7 @@ def quantize_model(
     output_dir: str | os.PathLike | None = None,
     processing_class=None,
     overwrite: bool = False,
+    gguf_file: str | os.PathLike | None = None,
 ):
     """Post-training quantization of a trained model; the result saves and reloads with stock `from_pretrained`.
 
@@ -163,6 +164,8 @@ def quantize_model(
         output_dir (`str` or `os.PathLike`, *optional*): if given, the quantized model is saved there.
         processing_class (*optional*): tokenizer / processor saved with it.
         overwrite (`bool`, *optional*, defaults to `False`): allow writing into a non-empty `output_dir`.
+        gguf_file (`str`, *optional*): load `model_or_path` from this GGUF file (dequantized first, see
+            [`~hf_compress.utils.loading.load_pretrained`]); a path ending in `.gguf` is detected without it.
 
     Returns:
         `PreTrainedModel`: the quantized model.
@@ -182,6 +185,11 @@ def quantize_model(
 
     from transformers import PreTrainedModel
 
+    from ..utils.loading import is_gguf, load_pretrained
+
+    if isinstance(model_or_path, (str, os.PathLike)) and is_gguf(model_or_path, gguf_file):
+        # transformers cannot quantize while reading GGUF: dequantize it, then quantize the module as below.
+        model_or_path = load_pretrained(model_or_path, model_class, gguf_file=gguf_file)
     with tempfile.TemporaryDirectory(prefix="hf_compress_ptq_") as tmp:
         if isinstance(model_or_path, (str, os.PathLike)):
             path = Path(model_or_path)
