@@ -43,6 +43,8 @@ def _recipe_epilog() -> str:
         "  dataset: {name: phishing} (embedded, default) | {path: file.csv} | {hub: name}, plus text_column, "
         "label_column, max_length, max_examples, seed, train_split, eval_split",
         "  teacher, tokenizer: optional folders or hub names; overwrite: true|false",
+        "  task: classification (default) | causal-lm (perplexity; dataset: {text_dir: folder with train.txt and "
+        "test.txt, block_size, max_train_tokens, max_eval_tokens, calibration_batches}); model may be a .gguf file",
         "  report: batch_size, max_eval_batches, latency_batches, warmup (compression_report settings)",
         f"  stages: a list; each has 'type' (one of {', '.join(STAGE_TYPES)}) and an optional 'name'.",
         "",

@@ -53,11 +53,17 @@ _STAGE_KEYS = {
     "quantize": {"config", "storage_dtype"},
     "qat": {"config", "args", "distill_from_teacher"},
 }
-_TOP_LEVEL_KEYS = {"model", "teacher", "tokenizer", "dataset", "output_dir", "overwrite", "report", "stages"}
+_TOP_LEVEL_KEYS = {"model", "teacher", "tokenizer", "dataset", "output_dir", "overwrite", "report", "stages", "task"}
+TASKS = ("classification", "causal-lm")
 _DATASET_KEYS = {
     "name",
     "path",
     "hub",
+    "text_dir",
+    "block_size",
+    "max_train_tokens",
+    "max_eval_tokens",
+    "calibration_batches",
     "text_column",
     "label_column",
     "max_length",
@@ -212,6 +218,9 @@ class Recipe:
         tokenizer (`str`, *optional*): tokenizer folder or name (default: `model`).
         overwrite (`bool`): replace existing stage folders.
         report (`dict`): [`compression_report`] settings: `batch_size`, `max_eval_batches`, `latency_batches`, `warmup`.
+        task (`str`): `"classification"` (default; accuracy / F1) or `"causal-lm"` (perplexity; the dataset is then
+            `text_dir: <folder with train.txt and test.txt>` cut into `block_size` token blocks, with optional
+            `max_train_tokens`, `max_eval_tokens`, `calibration_batches`; see [`~hf_compress.recipes.load_text_blocks`]).
 
     >>> recipe = load_recipe({"model": "teacher", "output_dir": "out", "stages": [{"type": "quantize"}]})
     >>> recipe.stages[0].folder_name
@@ -226,6 +235,7 @@ class Recipe:
     tokenizer: str | None = None
     overwrite: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
 
     def stage_dirs(self) -> dict[str, Path]:
         return {s.name: Path(self.output_dir) / s.folder_name for s in self.stages}
@@ -344,7 +354,13 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any], **overrides: Any)
                 f"recipe: unknown field dataset.{key!r}; allowed: {sorted(_DATASET_KEYS)}."
                 + _did_you_mean(key, _DATASET_KEYS)
             )
-    if sum(k in dataset for k in ("name", "path", "hub")) != 1:
+    task = data.get("task", "classification")
+    if task not in TASKS:
+        raise RecipeError(f"recipe: field 'task'={task!r}; allowed: {list(TASKS)}." + _did_you_mean(task, TASKS))
+    if task == "causal-lm":
+        if "text_dir" not in dataset:
+            raise RecipeError("recipe: task 'causal-lm' needs dataset.text_dir (a folder with train.txt, test.txt).")
+    elif sum(k in dataset for k in ("name", "path", "hub")) != 1:
         raise RecipeError("recipe: field 'dataset' needs exactly one of 'name' (phishing), 'path' or 'hub'.")
     if "name" in dataset and dataset["name"] != "phishing":
         raise RecipeError(f"recipe: dataset.name={dataset['name']!r}; the embedded dataset is 'phishing'.")
@@ -424,6 +440,7 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any], **overrides: Any)
         tokenizer=data.get("tokenizer"),
         overwrite=data.get("overwrite", False),
         report=dict(report),
+        task=task,
     )
     for stage in stages:
         _validate_stage(stage, str(Path(recipe.output_dir) / stage.folder_name))
@@ -479,10 +496,35 @@ def _load_data(recipe: Recipe, tokenizer):
     return encoded[train_split], encoded[eval_split]
 
 
+def load_text_blocks(spec: Mapping[str, Any], tokenizer) -> tuple[list[dict], list[dict]]:
+    """Train and evaluation blocks of a causal-LM recipe: `<text_dir>/train.txt` and `<text_dir>/test.txt` (else
+    `valid.txt`), each tokenized as one text and cut into non-overlapping `block_size` (default 512) token blocks
+    (`input_ids` and `labels`), the first `max_train_tokens` / `max_eval_tokens` tokens of each."""
+    import torch
+
+    folder = Path(os.path.expanduser(str(spec["text_dir"])))
+    block = int(spec.get("block_size", 512))
+    splits = []
+    for names, limit in ((("train",), spec.get("max_train_tokens")), (("test", "valid"), spec.get("max_eval_tokens"))):
+        path = next((folder / f"{n}.txt" for n in names if (folder / f"{n}.txt").is_file()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"dataset.text_dir: no {' or '.join(n + '.txt' for n in names)} in {str(folder)!r}."
+            )
+        ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.long)
+        ids = ids[: int(limit)] if limit else ids
+        n = ids.numel() // block
+        splits.append([{"input_ids": row, "labels": row} for row in ids[: n * block].view(n, block)])
+    return splits[0], splits[1]
+
+
 def _load_model(name_or_path: str):
+    import torch
+
     from .reporting import load_model
 
-    model = load_model(name_or_path)
+    # On the GPU when there is one: the stages train there, and the reports evaluate where the model is.
+    model = load_model(os.path.expanduser(name_or_path), device="cuda" if torch.cuda.is_available() else None)
     model.train()
     return model
 
@@ -516,10 +558,19 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
 
     from .utils.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.tokenizer or recipe.model)  # a `.gguf` model carries its tokenizer
-    train_set, eval_set = _load_data(recipe, tokenizer)
-    collator = DataCollatorWithPadding(tokenizer)
-    compute_metrics = make_compute_metrics("classification")
+    # a `.gguf` model carries its tokenizer
+    tokenizer = load_tokenizer(os.path.expanduser(recipe.tokenizer or recipe.model))
+    causal_lm = recipe.task == "causal-lm"
+    if causal_lm:
+        from transformers import default_data_collator
+
+        train_set, eval_set = load_text_blocks(recipe.dataset, tokenizer)
+        collator = default_data_collator
+        compute_metrics = None  # compression_report measures perplexity
+    else:
+        train_set, eval_set = _load_data(recipe, tokenizer)
+        collator = DataCollatorWithPadding(tokenizer)
+        compute_metrics = make_compute_metrics("classification")
     report_kwargs = {"batch_size": 32, "latency_batches": 3, "warmup": 1, **recipe.report}
 
     def measure(name: str, model_or_path, methods: list[str]):
@@ -527,7 +578,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
             {name: model_or_path},
             eval_dataset=eval_set,
             compute_metrics=compute_metrics,
-            task="classification",
+            task="causal-lm" if causal_lm else "classification",
             processing_class=tokenizer,
             data_collator=collator,
             methods={name: methods},
@@ -538,7 +589,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     teacher = _load_model(recipe.teacher) if recipe.teacher else None
     rows = [measure("input", model, [])]
     methods: list[str] = []
-    report = CompressionReport(rows=list(rows), task="classification")
+    report = CompressionReport(rows=list(rows), task=recipe.task)
     for stage in recipe.stages:
         folder = folders[stage.name]
         folder.mkdir(parents=True, exist_ok=True)
@@ -558,9 +609,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
             cfg = StructuredPruningConfig(**stage.config)
             calibration = None
             if cfg.importance == "activation" or cfg.layer_importance == "block_influence":
-                calibration = [collator([train_set[i] for i in range(b * 8, b * 8 + 8)]) for b in range(4)]
-                for batch in calibration:
-                    batch.pop("labels", None)
+                calibration = _calibration_batches(recipe, train_set, collator)
             structured_prune_(model, cfg, calibration)
             methods.append(f"structured pruning ({_describe(stage.config)})")
         elif stage.type == "prune":
@@ -569,9 +618,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
             cfg = PruningConfig(**stage.config)
             calibration = None
             if cfg.requires_calibration:
-                calibration = [collator([train_set[i] for i in range(b * 8, b * 8 + 8)]) for b in range(4)]
-                for batch in calibration:
-                    batch.pop("labels", None)
+                calibration = _calibration_batches(recipe, train_set, collator)
             if stage.args is None:
                 masks = prune_(model, cfg, calibration_data=calibration) if calibration else prune_(model, cfg)
                 make_pruning_permanent_(model, masks if isinstance(masks, dict) else None)
@@ -631,7 +678,7 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
         row = measure(stage.name, measured, list(methods))
         rows.append(row)
         write_model_card(folder, _row_figures(row), methods, {"name": "input", "size_mb": rows[0].disk_mb})
-        report = CompressionReport(rows=list(rows), task="classification")
+        report = CompressionReport(rows=list(rows), task=recipe.task)
         report.to_json(folder / "report.json")
         (folder / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
         logger.info(f"hf_compress recipe: after {stage.label}:\n{report.to_markdown()}")
@@ -640,6 +687,20 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     report.to_json(root / "report.json")
     (root / "report.md").write_text(report.to_markdown() + "\n", encoding="utf-8")
     return report
+
+
+def _calibration_batches(recipe: Recipe, train_set, collator) -> list:
+    """Calibration batches without labels: 4 x 8 training examples, or for causal LMs `dataset.calibration_batches`
+    (default 32) single blocks spread over the training text."""
+    if recipe.task == "causal-lm":
+        count = min(int(recipe.dataset.get("calibration_batches", 32)), len(train_set))
+        step = max(len(train_set) // max(count, 1), 1)
+        batches = [collator([train_set[i * step]]) for i in range(count)]
+    else:
+        batches = [collator([train_set[i] for i in range(b * 8, b * 8 + 8)]) for b in range(4)]
+    for batch in batches:
+        batch.pop("labels", None)
+    return batches
 
 
 def _row_figures(row) -> dict[str, Any]:
