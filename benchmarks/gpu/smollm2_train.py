@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import smollm2_common as common  # noqa: E402
 
-PART_WEIGHTS = {"pruning_recovery": 2.0, "qat": 1.2, "distill": 2.0, "minitron": 1.0, "pipeline": 2.0}
+PART_WEIGHTS = {"oneshot": 0.6, "pruning_recovery": 2.0, "qat": 1.2, "distill": 2.0, "minitron": 1.0, "pipeline": 2.0}
 GOALS = {
     "pruning_recovery/50%": "ppl <= 1.20 x dense",
     "pruning_recovery/2:4": "ppl <= 1.40 x dense",
@@ -294,6 +294,72 @@ def _params(model) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ parts
+def part_oneshot(b: Bench, budget_s: float):
+    """The CPU one-shot table (benchmarks/smollm2_oneshot.py) measured here in a minute: pruning scorers at 50% and
+    2:4, PTQ methods with their bytes on disk."""
+    from hf_compress import PruningConfig, prune_, quantize_model
+    from hf_compress.reporting import disk_bytes
+
+    sys.path.insert(0, str(common.ROOT / "benchmarks"))
+    from smollm2_oneshot import PRUNE_ROWS
+
+    t0 = time.time()
+    for method, pattern, scope in PRUNE_ROWS:
+        if time.time() - t0 > budget_s * 0.6:
+            break
+        model = copy.deepcopy(b.dense)
+        config = PruningConfig(
+            method=method,
+            pattern=pattern,
+            sparsity=0.5 if pattern == "unstructured" else None,
+            scope=scope,
+            num_calibration_batches=len(b.calibration),
+        )
+        t = time.time()
+        prune_(model, config, calibration_data=b.calibration if config.requires_calibration else None)
+        b.run.record(
+            "oneshot",
+            f"{method}/{pattern}" + (f"/{scope}" if scope else ""),
+            {
+                "perplexity": b.evaluate(model),
+                "scope": config.scope,
+                "prune_s": round(time.time() - t, 1),
+                "calibration": f"{len(b.calibration)} x {b.block}",
+            },
+        )
+        del model
+    variants = [
+        ("nf4", {}),
+        ("nf4", {"storage_dtype": "bfloat16"}),
+        ("int8", {}),
+        ("torchao-int4", {}),
+        ("torchao-int8", {}),
+        ("int4-packed", {}),
+        ("int4-packed", {"embedding_bits": None}),
+    ]
+    params = _params(b.dense)
+    for method, kwargs in variants:
+        if time.time() - t0 > budget_s:
+            break
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                model = quantize_model(b.dense, method, output_dir=tmp, overwrite=True, **kwargs)
+            except Exception as err:  # a backend missing on this machine: say so, measure the rest
+                b.run.record("oneshot", f"{method} {kwargs}", {"error": f"{type(err).__name__}: {err}"[:300]})
+                continue
+            size = disk_bytes(tmp)
+            b.run.record(
+                "oneshot",
+                f"{method} {kwargs}" if kwargs else method,
+                {
+                    "perplexity": b.evaluate(model),
+                    "weight_bytes": size,
+                    "bits_per_parameter": round(size * 8 / params, 3),
+                },
+            )
+            del model
+
+
 def part_pruning_recovery(b: Bench, budget_s: float):
     from hf_compress import PruningCallback, PruningConfig, prune_
 
