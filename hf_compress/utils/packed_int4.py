@@ -54,6 +54,10 @@ class PackedInt4Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, in_features // group_size, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
+    def weight_counts(self) -> tuple[int, int]:
+        """(weights, non-zero weights), for `count_parameters`."""
+        return self.qweight.numel() * 2, int(torch.count_nonzero(unpack_int4(self.qweight)))
+
     def dequantized_weight(self) -> torch.Tensor:
         return _dequantize(unpack_int4(self.qweight), self.scale, None, (1, self.group_size), 4, self.scale.dtype)
 
@@ -72,6 +76,9 @@ class Int8Embedding(nn.Module):
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.ones(num_embeddings, 1, dtype=dtype, device=device))
+
+    def weight_counts(self) -> tuple[int, int]:
+        return self.qweight.numel(), int(torch.count_nonzero(self.qweight))
 
     def dequantized_weight(self) -> torch.Tensor:
         return _dequantize(self.qweight, self.scale, None, (1, self.embedding_dim), 8, self.scale.dtype)
