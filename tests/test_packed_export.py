@@ -75,8 +75,9 @@ def test_int4_packed_equals_torchao_int4_in_memory(tmp_path):
     packed = quantize_model(model, "int4-packed", embedding_bits=None, storage_dtype="float32", output_dir=tmp_path)
     torchao_int4 = quantize_model(model, "torchao-int4", group_size=32)
     torch.testing.assert_close(_logits(packed), _logits(torchao_int4), rtol=0, atol=0)
-    # ... at half of its bytes on disk for the quantized layers
-    assert disk_bytes(tmp_path) < 0.7 * disk_bytes(torchao_int4)
+    # ... at about half of its bytes on disk for the rest (both keep the same float32 embedding)
+    embedding = model.model.embed_tokens.weight.numel() * 4
+    assert disk_bytes(tmp_path) - embedding < 0.6 * (disk_bytes(torchao_int4) - embedding)
     with pytest.raises(ValueError, match="embedding_bits"):
         quantize_model(model, "int4-packed", embedding_bits=4)
 
