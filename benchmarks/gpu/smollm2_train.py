@@ -304,6 +304,8 @@ def part_oneshot(b: Bench, budget_s: float):
     from smollm2_oneshot import PRUNE_ROWS
 
     t0 = time.time()
+    if b.args.smoke:
+        budget_s = 1e9  # every row, tiny shapes
     for method, pattern, scope in PRUNE_ROWS:
         if time.time() - t0 > budget_s * 0.6:
             break
@@ -495,6 +497,8 @@ def part_pipeline(b: Bench, budget_s: float):
     # Stage time: reports (5 rows x 65k-token eval + latency) and SparseGPT (~30 s) come off the budget first.
     train_s = max(budget_s - (60 if not b.args.smoke else 20), 10)
     steps = [max(int(train_s * 0.6 / step_s), 2), max(int(train_s * 0.3 / step_s), 2)]
+    if b.args.smoke:
+        steps = [2, 2]
     work = Path(tempfile.mkdtemp(prefix="smollm2_pipeline_"))
     if b.args.smoke:
         b.dense.save_pretrained(work / "teacher")
