@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import smollm2_common as common  # noqa: E402
 
-PART_WEIGHTS = {"oneshot": 0.6, "pruning_recovery": 2.0, "qat": 1.2, "distill": 2.0, "minitron": 1.0, "pipeline": 2.0}
+PART_WEIGHTS = {"oneshot": 1.2, "pruning_recovery": 2.0, "qat": 1.2, "distill": 2.0, "minitron": 1.0, "pipeline": 2.0}
 GOALS = {
     "pruning_recovery/50%": "ppl <= 1.20 x dense",
     "pruning_recovery/2:4": "ppl <= 1.40 x dense",
@@ -180,6 +180,7 @@ class Bench:
         self.dense = self._load_dense()
         self.teacher = copy.deepcopy(self.dense).to(torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.teacher.eval().requires_grad_(False)
+        self.pruned: dict[str, torch.nn.Module] = {}
         self.dense_ppl = self.evaluate(self.dense)
         self.run.record(
             "setup",
@@ -321,6 +322,8 @@ def part_oneshot(b: Bench, budget_s: float):
         )
         t = time.time()
         prune_(model, config, calibration_data=b.calibration if config.requires_calibration else None)
+        if method == b.args.scorer and scope is None:
+            b.pruned[pattern] = model  # pruning_recovery starts from it (no second SparseGPT pass)
         b.run.record(
             "oneshot",
             f"{method}/{pattern}" + (f"/{scope}" if scope else ""),
@@ -369,14 +372,18 @@ def part_pruning_recovery(b: Bench, budget_s: float):
 
     for label, pattern, goal in (("50%", "unstructured", 1.20), ("2:4", "2:4", 1.40)):
         t_part = time.time()
-        model = copy.deepcopy(b.dense)
+        model = b.pruned.pop(pattern, None)
+        reused = model is not None  # pruned by the oneshot part with the same scorer and calibration
+        if not reused:
+            model = copy.deepcopy(b.dense)
         config = PruningConfig(
             method=b.args.scorer,
             pattern=pattern,
             sparsity=0.5 if pattern == "unstructured" else None,
             num_calibration_batches=len(b.calibration),
         )
-        prune_(model, config, calibration_data=b.calibration)
+        if not reused:
+            prune_(model, config, calibration_data=b.calibration)
         oneshot_s = time.time() - t_part
         # The callback keeps exactly the one-shot zeros: magnitude on a half-zero weight selects those zeros.
         keep = PruningCallback(
@@ -388,6 +395,7 @@ def part_pruning_recovery(b: Bench, budget_s: float):
         zeros = sum(int((m.weight == 0).sum()) for m in keep._modules.values())
         total = sum(m.weight.numel() for m in keep._modules.values())
         result.update(
+            oneshot_reused=reused,
             scorer=b.args.scorer,
             oneshot_s=round(oneshot_s, 1),
             sparsity=round(zeros / total, 4),
