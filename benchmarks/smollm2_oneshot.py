@@ -36,7 +36,8 @@ PRUNE_ROWS = [
     ("magnitude", "2:4", None),
     ("wanda", "unstructured", "layer"),  # the old per-layer comparison group, for the default decision
 ]
-QUANT_ROWS = ["nf4", "int8", "torchao-int4", "torchao-int8"]
+QUANT_ROWS = ["nf4", "nf4:bf16", "int8", "torchao-int4", "torchao-int8", "int4-packed", "int4-packed:bf16-embedding"]
+VARIANTS = {"bf16": {"storage_dtype": "bfloat16"}, "bf16-embedding": {"embedding_bits": None}}
 
 
 def _measure(results, section, key, model, windows, extra=None, started=None):
@@ -87,27 +88,27 @@ def part_quantize(args, results, windows):
     from hf_compress.quantization.ptq import directory_size_bytes
 
     base = common.load_model()
-    for method in args.methods or QUANT_ROWS:
+    params = sum(p.numel() for p in base.parameters())
+    for row in args.methods or QUANT_ROWS:
+        name, _, variant = row.partition(":")
+        kwargs = dict(VARIANTS.get(variant, {}))
+        if name.startswith("torchao") or name == "int4-packed":
+            kwargs["group_size"] = 32
         with tempfile.TemporaryDirectory() as tmp:
             started = time.time()
-            kwargs = {}
-            if method.startswith("torchao"):
-                kwargs["group_size"] = 32
-            name, _, variant = method.partition(":")
-            if variant == "small":  # bf16 storage of what stays unquantized + int8 tied embedding where supported
-                kwargs.update(storage_dtype="bfloat16", embedding_bits=8 if name.startswith("torchao") else None)
-                kwargs = {k: v for k, v in kwargs.items() if v is not None}
             model = quantize_model(base, name, output_dir=tmp, overwrite=True, **kwargs)
-            size = directory_size_bytes(tmp)
             weights = common.weight_bytes(tmp)
-            params = sum(p.numel() for p in base.parameters())
             extra = {
-                "disk_bytes": size,
+                "disk_bytes": directory_size_bytes(tmp),
                 "weight_bytes": weights,
                 "bits_per_parameter": round(weights * 8 / params, 3),
                 "options": kwargs,
             }
-            _measure(results, "quantize", method, model, windows, extra, started)
+            if args.bytes_only:
+                results.add("quantize_bytes", row, {**extra, "compress_s": round(time.time() - started, 1)})
+                print(f"quantize_bytes {row}: {extra}", flush=True)
+            else:
+                _measure(results, "quantize", row, model, windows, extra, started)
             del model
 
 
@@ -117,8 +118,12 @@ def table(results) -> str:
         "| part | variant | perplexity | bytes on disk | bits/param | eval tokens |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for section in ("dense", "prune", "quantize"):
+    for section in ("dense", "prune", "quantize", "quantize_bytes"):
         for key, row in data.get(section, {}).items():
+            if "perplexity" not in row:
+                size = row["weight_bytes"]
+                lines.append(f"| {section} | {key} | - | {size / 1e6:.1f} MB | {row['bits_per_parameter']} | - |")
+                continue
             size = row.get("weight_bytes", row.get("disk_bytes"))
             lines.append(
                 f"| {section} | {key} | {row['perplexity']:.2f} | {size / 1e6:.1f} MB | "
@@ -137,7 +142,8 @@ def main(argv=None):
     parser.add_argument("--eval-tokens", type=int, default=common.EVAL_TOKENS)
     parser.add_argument("--calibration", type=int, default=32, help="Calibration windows of 512 train tokens.")
     parser.add_argument("--only", nargs="*", default=None, help="Prune rows to run, e.g. wanda/2:4.")
-    parser.add_argument("--methods", nargs="*", default=None, help="Quantize rows, e.g. nf4 torchao-int4:small.")
+    parser.add_argument("--methods", nargs="*", default=None, help=f"Quantize rows (default {QUANT_ROWS}).")
+    parser.add_argument("--bytes-only", action="store_true", help="Quantize: bytes on disk only, no perplexity.")
     parser.add_argument("--out", default=str(common.ROOT / "benchmarks" / "results" / "smollm2_oneshot.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
