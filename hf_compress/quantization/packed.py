@@ -85,16 +85,6 @@ def quantize_packed_(
             raise ValueError(f"group_size={group_size} does not divide in_features={module.in_features} of {name!r}.")
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     embedding_name = head_name = None
-    # Non-persistent buffers (rotary inv_freq) are rebuilt in float32 by from_pretrained: keep them as they are.
-    kept = [
-        (m, b, m._buffers[b])
-        for m in model.modules()
-        for b in m._non_persistent_buffers_set
-        if m._buffers.get(b) is not None
-    ]
-    model.to(storage_dtype)
-    for module, buffer_name, value in kept:
-        module._buffers[buffer_name] = value
     for name, module in targets.items():
         qdata, scale, _ = _torchao_int_data(module.weight, 4, PerGroup(group_size))
         new = PackedInt4Linear(
@@ -131,6 +121,17 @@ def quantize_packed_(
             model.config.tie_word_embeddings = False  # the head is rebuilt from the int8 embedding on load
             if hasattr(model.config, "get_text_config"):
                 model.config.get_text_config().tie_word_embeddings = False
+    # The rest to storage_dtype (quantized above from the original weights). Non-persistent buffers (rotary
+    # inv_freq) are rebuilt in float32 by from_pretrained: keep them as they are.
+    kept = [
+        (m, b, m._buffers[b])
+        for m in model.modules()
+        for b in m._non_persistent_buffers_set
+        if m._buffers.get(b) is not None
+    ]
+    model.to(storage_dtype)
+    for module, buffer_name, value in kept:
+        module._buffers[buffer_name] = value
     model.config.quantization_config = PackedQuantizationConfig(
         group_size=group_size,
         int4_modules=sorted(targets),
