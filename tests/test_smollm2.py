@@ -55,8 +55,8 @@ def test_wanda_beats_magnitude_at_half_sparsity(smollm2):
     from hf_compress.metrics import compute_perplexity
 
     _, tokenizer, model = smollm2
-    evaluation = _windows(tokenizer, "test", 2, 512)
-    calibration = _windows(tokenizer, "train", 4, 256, offset_chars=20_000)
+    evaluation = _windows(tokenizer, "test", 2, 256)
+    calibration = _windows(tokenizer, "train", 4, 128, offset_chars=20_000)
     dense = compute_perplexity(model, evaluation)
     assert dense < 60  # a real pretrained model, not random weights
     ppl = {}
