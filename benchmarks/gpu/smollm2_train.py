@@ -66,6 +66,7 @@ class Run:
                 "machine": common.machine() if self.device.type == "cpu" else torch.cuda.get_device_name(self.device),
                 "torch": torch.__version__,
                 "budget_s": args.budget_s,
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "smoke": args.smoke,
                 "protocol": "WikiText-2 test (tokenised release), first 65,536 SmolLM2 tokens, windows of 512, fp32",
             },
@@ -596,7 +597,12 @@ def summary(data: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="oneshot,pruning_recovery,qat,distill,minitron,pipeline")
-    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="cuda:N (the process then sees only GPU N, as cuda:0: the Trainer always uses the first visible GPU), "
+        "cpu, or auto.",
+    )
     parser.add_argument("--budget-s", type=float, default=400.0, help="Wall-clock budget of this process (s).")
     parser.add_argument("--smoke", action="store_true", help="Tiny random Llama on CPU, same code paths.")
     parser.add_argument(
@@ -614,6 +620,12 @@ def main(argv=None):
         help="WikiText-2 folder (default ../shared/data/wikitext2, else .gpudata/wikitext2).",
     )
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda:") and args.device != "cuda:0" and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        # Before CUDA is initialised: transformers' Trainer places a single-process run on the first visible GPU.
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.device.split(":", 1)[1]
+        args.device = "cuda:0"
+    if args.device == "auto":
+        args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
