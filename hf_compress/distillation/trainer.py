@@ -281,7 +281,7 @@ class DistillationTrainer(Trainer):
             AutoModelForTokenClassification,
         )
 
-        if not os.path.isdir(os.path.expanduser(name_or_path)) and (
+        if not os.path.exists(os.path.expanduser(name_or_path)) and (
             name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
         ):
             raise ValueError(f"teacher_model: the path {name_or_path!r} does not exist.")
@@ -296,7 +296,10 @@ class DistillationTrainer(Trainer):
             init_kwargs["dtype"] = getattr(torch, dtype)
             init_kwargs.pop("torch_dtype", None)
         try:
-            return auto_class.from_pretrained(name_or_path, **init_kwargs)
+            from ..utils.loading import load_pretrained
+
+            # load_pretrained: a `.gguf` path or `gguf_file` in init_kwargs loads dequantized (utils/loading.py).
+            return load_pretrained(name_or_path, auto_class, **init_kwargs)
         except OSError as err:
             raise ValueError(
                 f"teacher_model: cannot load {name_or_path!r}: it is not a local model directory and could not be "

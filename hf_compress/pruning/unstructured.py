@@ -77,6 +77,16 @@ def _keep_lowest_pruned(scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
     return keep.view_as(scores)
 
 
+def _keep_lowest_pruned_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask (out, in) pruning the `round(sparsity * in_features)` lowest scores of every output row (Wanda's
+    per-output comparison group)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    num_pruned = round(sparsity * scores.shape[1])
+    if num_pruned > 0:
+        keep.scatter_(1, torch.topk(scores, num_pruned, dim=1, largest=False).indices, False)
+    return keep
+
+
 def _nm_keep(scores: torch.Tensor, keep_per_group: int, m: int, name: str) -> torch.Tensor:
     """Keep the `keep_per_group` best of every M consecutive input weights of each output row (hand-written:
     torch has no N:M mask selection; torchao.sparsity, which had one, is gone)."""
@@ -126,6 +136,21 @@ def compute_masks(
             )
         scorer.prepare(model, modules, calibration_data, config.num_calibration_batches)
 
+    if scorer.chooses_masks:
+        nm = config.nm
+        keep_out_in = scorer.select_masks_(
+            model,
+            modules,
+            sparsity=sparsity,
+            nm=(nm_keep_count(config, sparsity), nm[1]) if nm is not None else None,
+            previous_masks=(
+                {n: _to_out_in(modules[n], m) for n, m in previous_masks.items() if n in modules}
+                if previous_masks
+                else None
+            ),
+        )
+        return {name: _shard_like(_to_stored_layout(m, keep_out_in[name]), m.weight) for name, m in modules.items()}
+
     scores = {}
     for name, module in modules.items():
         # FSDP2 shards: score the whole weight (identical on every rank), so masks are whole and identical too.
@@ -150,6 +175,9 @@ def compute_masks(
             keep_out_in = keep[offset : offset + n].view_as(scores[name]).to(scores[name].device)
             masks[name] = _to_stored_layout(module, keep_out_in)
             offset += n
+    elif config.scope == "row":
+        for name, module in modules.items():
+            masks[name] = _to_stored_layout(module, _keep_lowest_pruned_per_row(scores[name], sparsity))
     else:
         for name, module in modules.items():
             score = scores[name]

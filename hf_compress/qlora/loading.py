@@ -338,7 +338,8 @@ def load_qlora_model(
         num_labels (`int`, *optional*): number of labels of a classification head.
         device_map (*optional*): defaults to the current process's device (`{"": local_rank}` on CUDA, CPU otherwise).
         model_kwargs: passed to `from_pretrained` (`attn_implementation`, `revision`, a `quantization_config` of
-            your own, ...).
+            your own, ...). `gguf_file=` (or a `.gguf` path as `model_name_or_path`) loads a GGUF checkpoint,
+            dequantized once into a cached folder ([`~hf_compress.utils.loading.gguf_to_folder`]).
 
     Returns:
         `peft.PeftModel`
@@ -370,6 +371,11 @@ def load_qlora_model(
         device_map=device_map,
         **_lora_arguments(locals()),
     )
+    from ..utils.loading import gguf_to_folder
+
+    # A GGUF checkpoint (`.gguf` path or gguf_file=) is dequantized once into a cached folder: bitsandbytes
+    # quantization cannot read GGUF.
+    model_name_or_path = gguf_to_folder(model_name_or_path, model_kwargs.pop("gguf_file", None))
     _check_task(task)
     _check_lora_args(lora_r, lora_alpha, lora_dropout)
     if load_in_4bit and load_in_8bit:

@@ -29,11 +29,17 @@ _STAGE_KEYS = {
     "quantize": {"config", "storage_dtype"},
     "qat": {"config", "args", "distill_from_teacher"},
 }
-_TOP_LEVEL_KEYS = {"model", "teacher", "tokenizer", "dataset", "output_dir", "overwrite", "report", "stages"}
+_TOP_LEVEL_KEYS = {"model", "teacher", "tokenizer", "dataset", "output_dir", "overwrite", "report", "stages", "task"}
+TASKS = ("classification", "causal-lm")
 _DATASET_KEYS = {
     "name",
     "path",
     "hub",
+    "text_dir",
+    "block_size",
+    "max_train_tokens",
+    "max_eval_tokens",
+    "calibration_batches",
     "text_column",
     "label_column",
     "max_length",
@@ -93,6 +99,9 @@ class Recipe:
         overwrite (`bool`): replace existing stage folders.
         report (`dict`): [`compression_report`] settings: `batch_size`, `max_eval_batches`, `latency_batches`, `warmup`;
             `include_input: false` leaves the input model out of the table (its first row is then the first stage).
+        task (`str`): `"classification"` (default; accuracy / F1) or `"causal-lm"` (perplexity; the dataset is then
+            `text_dir: <folder with train.txt and test.txt>` cut into `block_size` token blocks, with optional
+            `max_train_tokens`, `max_eval_tokens`, `calibration_batches`; see [`~hf_compress.recipes.load_text_blocks`]).
 
     >>> recipe = load_recipe({"model": "teacher", "output_dir": "out", "stages": [{"type": "quantize"}]})
     >>> recipe.stages[0].folder_name
@@ -107,6 +116,7 @@ class Recipe:
     tokenizer: str | None = None
     overwrite: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
 
     def stage_dirs(self) -> dict[str, Path]:
         return {s.name: Path(self.output_dir) / s.folder_name for s in self.stages}
@@ -217,6 +227,7 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any], **overrides: Any)
         tokenizer=data.get("tokenizer"),
         overwrite=data.get("overwrite", False),
         report=dict(report),
+        task=data.get("task", "classification"),
     )
     for stage in stages:
         _validate_stage(stage, str(Path(recipe.output_dir) / stage.folder_name))
@@ -269,7 +280,13 @@ def _check_top_level(data: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mappin
                 f"recipe: unknown field dataset.{key!r}; allowed: {sorted(_DATASET_KEYS)}."
                 + _did_you_mean(key, _DATASET_KEYS)
             )
-    if sum(k in dataset for k in ("name", "path", "hub")) != 1:
+    task = data.get("task", "classification")
+    if task not in TASKS:
+        raise RecipeError(f"recipe: field 'task'={task!r}; allowed: {list(TASKS)}." + _did_you_mean(task, TASKS))
+    if task == "causal-lm":
+        if "text_dir" not in dataset:
+            raise RecipeError("recipe: task 'causal-lm' needs dataset.text_dir (a folder with train.txt, test.txt).")
+    elif sum(k in dataset for k in ("name", "path", "hub")) != 1:
         raise RecipeError("recipe: field 'dataset' needs exactly one of 'name' (phishing), 'path' or 'hub'.")
     if "name" in dataset and dataset["name"] != "phishing":
         raise RecipeError(f"recipe: dataset.name={dataset['name']!r}; the embedded dataset is 'phishing'.")

@@ -144,5 +144,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             nonzero += n
             continue
         total += n
+        if getattr(p, "qdata", None) is not None:  # torchao quantized tensor: count its integers
+            nonzero += int(torch.count_nonzero(p.qdata).item()) if p.qdata.numel() == n else n
+            continue
         nonzero += int(torch.count_nonzero(p).item()) if p.dtype.is_floating_point or not p.is_meta else n
+    # hf_compress' packed layers (utils/packed_int4.py) hold their weights as buffers: count them too.
+    for module in unwrap_model(model).modules():
+        counter = getattr(module, "weight_counts", None)
+        if callable(counter):
+            n, nz = counter()
+            total += n
+            nonzero += nz
     return total, nonzero
