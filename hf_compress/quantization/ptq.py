@@ -232,12 +232,19 @@ def _check_quantization_options(compute_dtype, double_quant, llm_int8_threshold,
         )
 
 
-def _check_model_or_path(model_or_path) -> None:
+def _check_model_or_path(model_or_path, gguf_file=None) -> None:
     from transformers import PreTrainedModel
+
+    from ..utils.loading import is_gguf
 
     if isinstance(model_or_path, (str, os.PathLike)):
         path = os.fspath(model_or_path)
         expanded = os.path.expanduser(path)
+        if is_gguf(path, gguf_file):  # a `.gguf` file, or a folder holding `gguf_file`
+            gguf = os.path.join(expanded, os.fspath(gguf_file)) if gguf_file is not None else expanded
+            if not os.path.isfile(gguf) and not (gguf_file is not None and os.path.isfile(os.fspath(gguf_file))):
+                raise ValueError(f"model_or_path={path!r}, gguf_file={gguf_file!r}: no GGUF file at {gguf!r}.")
+            return
         looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
         if os.path.isdir(expanded):
             if not os.path.isfile(os.path.join(expanded, "config.json")):
@@ -257,10 +264,19 @@ def _check_model_or_path(model_or_path) -> None:
 
 
 def check_quantize_model_arguments(
-    model_or_path, method, *, model_class, device_map, output_dir, processing_class, overwrite, **options
+    model_or_path,
+    method,
+    *,
+    model_class,
+    device_map,
+    output_dir,
+    processing_class,
+    overwrite,
+    gguf_file=None,
+    **options,
 ) -> None:
     """Every check of [`quantize_model`] that needs no model loading, in argument order (raises on the first)."""
-    _check_model_or_path(model_or_path)
+    _check_model_or_path(model_or_path, gguf_file)
     check_ptq_method(method)
     _check_quantization_options(**options)
     check_model_class("model_class", model_class)
@@ -385,6 +401,7 @@ def quantize_model(
     check_quantize_model_arguments(
         model_or_path,
         method,
+        gguf_file=gguf_file,
         model_class=model_class,
         device_map=device_map,
         output_dir=output_dir,
