@@ -92,14 +92,9 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
     Collective under FSDP2 / ZeRO-3: every rank must call it for the same parameters in the same order.
     """
-    if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
-        import deepspeed
+    from hf_compress.utils.sharding import full_tensor as gather_whole
 
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.detach().clone()
-    if hasattr(param, "full_tensor"):  # torch.distributed.tensor.DTensor
-        return param.full_tensor().detach()
-    return param.detach()
+    return gather_whole(param).detach()
 
 
 def local_param_bytes(module: torch.nn.Module) -> tuple[int, int]:
@@ -185,21 +180,23 @@ class MaskConsistencyCallback(TrainerCallback):
 
     def _check(self, model, step: int) -> None:
         from hf_compress.utils import unwrap_model
+        from hf_compress.utils.sharding import unshard_like
 
         masks = self.pruning.masks
         base = unwrap_model(model)  # mask names are relative to it (a PeftModel keeps its `base_model.model.` prefix)
-        violations, weight_crc = 0, 0
+        violations, weight_crc, whole_masks = 0, 0, {}
         for name in sorted(masks):
-            # The live module (QAT may have swapped it for a FakeQuantizedLinear sharing the same weight).
+            # The live module (QAT fake quantization keeps the same module object and weight).
             module = base.get_submodule(name) if name else base
             weight = getattr(module, "base_layer", module).weight
+            # The mask is laid out like the weight (DTensor shard / ZeRO-3 partition): both are gathered whole.
+            mask = whole_masks[name] = unshard_like(masks[name], weight).cpu()
             weight = full_tensor(weight).float().cpu()
-            mask = masks[name].cpu()
             violations += int((weight[~mask] != 0).sum())
             weight_crc = zlib.crc32(weight.numpy().tobytes(), weight_crc)
         local = {
             "rank": int(os.environ.get("RANK", 0)),
-            "mask_crc": mask_checksum(masks),
+            "mask_crc": mask_checksum(whole_masks),
             "sparsity": round(self.pruning.sparsity, 6),
             "violations": violations,
             "weight_crc": weight_crc,
