@@ -38,7 +38,6 @@ On 2 GPUs (keep NVLink multicast off, see README.md):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import zlib
@@ -56,6 +55,7 @@ from hf_compress import (
     prune_,
     sparsity_report,
 )
+from hf_compress.utils.sharding import single_process_loading
 
 # Sizes built from a config when no --model / --teacher is given.
 SIZES = {
@@ -136,26 +136,6 @@ class RunDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ids = (torch.arange(self.seq_len) + self.starts[i]) % self.vocab
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-@contextlib.contextmanager
-def single_process_loading():
-    """Load with plain `from_pretrained` on one rank even in a ZeRO-3 run.
-
-    The Trainer registers its DeepSpeed config globally; while it is set, `from_pretrained` builds models under
-    `deepspeed.zero.Init`, a collective that hangs when only rank 0 loads. Unset it for the load, then restore it.
-    """
-    try:
-        from transformers.integrations import deepspeed as hf_deepspeed
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def mask_checksum(masks: dict[str, torch.Tensor]) -> int:
@@ -335,8 +315,8 @@ def main(argv=None):
         start_step=args.qat_start_step,
         output_dir=str(out / "quantized"),
         overwrite=True,
-        # save_qat_model needs a transformers PreTrainedModel; a PEFT model is merged first (not done here).
-        save_quantized=not (args.peft or args.no_qat),
+        # A LoRA student is merged (on a copy) before quantizing; sharded students are gathered on rank 0 first.
+        save_quantized=not args.no_qat,
     )
     mask_check = MaskConsistencyCallback(pruning)
     trainer = DistillationTrainer(
@@ -396,10 +376,9 @@ def main(argv=None):
     failures: list[str] = []
     results: dict = {}
     if rank == 0:
-        with single_process_loading():
-            reloaded = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32)
-        reloaded.eval()
-        with torch.no_grad():
+        # Loaded and run by this process alone (under ZeRO-3 from_pretrained would otherwise be a collective).
+        with single_process_loading(), torch.no_grad():
+            reloaded = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).eval()
             logits = reloaded(input_ids=probe_ids).logits.float()
         diff = (logits - ref_logits).abs().max().item()
         scale = ref_logits.abs().max().item()
@@ -419,9 +398,8 @@ def main(argv=None):
         quant = None
         qdir = out / "quantized"
         if qat.save_quantized and qdir.is_dir():
-            with single_process_loading():
+            with single_process_loading(), torch.no_grad():
                 qmodel = AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu")
-            with torch.no_grad():
                 qlogits = qmodel(input_ids=probe_ids).logits.float()
             quant = {
                 "dir": str(qdir),

@@ -240,22 +240,40 @@ def unsharded_class(module: nn.Module) -> type[nn.Module]:
 
 @contextlib.contextmanager
 def single_process_loading() -> Iterator[None]:
-    """Build or load transformers models in one process even inside a ZeRO-3 run.
+    """Build, load and run transformers models in this process alone, even inside a ZeRO-3 run.
 
     The Trainer registers its DeepSpeed config globally; while it is set, `from_pretrained` builds models under
-    `deepspeed.zero.Init`, a collective that hangs when only rank 0 loads. Unset it for the block, then restore it.
+    `deepspeed.zero.Init`, a collective that hangs when only rank 0 loads. And ZeRO-3 replaces
+    `torch.nn.functional.linear` by its memory-efficient version for the rest of the process, which torchao's
+    quantized weights do not support. Both are undone for the block, then restored.
     """
+    import torch.nn.functional as F
+
     try:
         from transformers.integrations import deepspeed as hf_deepspeed
     except ImportError:  # pragma: no cover
-        yield
-        return
-    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
-    hf_deepspeed.unset_hf_deepspeed_config()
+        hf_deepspeed = None
+    saved_config = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    if hf_deepspeed is not None:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    saved_linear = F.linear
+    zero_init = _deepspeed_module("deepspeed.runtime.zero.partition_parameters")
+    original_linear = getattr(getattr(zero_init, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
+    if original_linear is not None:
+        F.linear = original_linear
     try:
         yield
     finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+        F.linear = saved_linear
+        if hf_deepspeed is not None:
+            hf_deepspeed._hf_deepspeed_config_weak_ref = saved_config
+
+
+def _deepspeed_module(name: str):
+    """An already imported DeepSpeed module (never imports DeepSpeed itself)."""
+    import sys
+
+    return sys.modules.get(name)
 
 
 @torch.no_grad()
