@@ -97,6 +97,17 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
     return gather_whole(param).detach()
 
 
+def zero3_master_violations(param: torch.Tensor, local_mask: torch.Tensor) -> int:
+    """Under ZeRO-3, pruned positions whose fp32 master weight (this rank's optimizer partition) is not zero: the
+    optimizer steps from these, so a pruned weight kept alive there would come back. 0 for other parameters."""
+    if not hasattr(param, "ds_id") or getattr(param, "_z3_optimizer", None) is None or not param.requires_grad:
+        return 0
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    master = safe_get_local_fp32_param(param)
+    return int((master[~local_mask.to(master.device)] != 0).sum())
+
+
 def local_param_bytes(module: torch.nn.Module) -> tuple[int, int]:
     """(bytes held on this rank, bytes of the whole model) of `module`'s parameters."""
     local = full = 0
@@ -164,7 +175,7 @@ class MaskConsistencyCallback(TrainerCallback):
 
         masks = self.pruning.masks
         base = unwrap_model(model)  # mask names are relative to it (a PeftModel keeps its `base_model.model.` prefix)
-        violations, weight_crc, whole_masks = 0, 0, {}
+        violations, weight_crc, whole_masks, master_violations = 0, 0, {}, 0
         for name in sorted(masks):
             # The live module (QAT fake quantization keeps the same module object and weight).
             module = base.get_submodule(name) if name else base
@@ -174,11 +185,13 @@ class MaskConsistencyCallback(TrainerCallback):
             weight = full_tensor(weight).float().cpu()
             violations += int((weight[~mask] != 0).sum())
             weight_crc = zlib.crc32(weight.numpy().tobytes(), weight_crc)
+            master_violations += zero3_master_violations(getattr(module, "base_layer", module).weight, masks[name])
         local = {
             "rank": int(os.environ.get("RANK", 0)),
             "mask_crc": mask_checksum(whole_masks),
             "sparsity": round(self.pruning.sparsity, 6),
             "violations": violations,
+            "master_violations": master_violations,
             "weight_crc": weight_crc,
         }
         ranks = gather(local)
@@ -187,10 +200,11 @@ class MaskConsistencyCallback(TrainerCallback):
             "masks_identical": len({r["mask_crc"] for r in ranks}) == 1,
             "weights_identical": len({r["weight_crc"] for r in ranks}) == 1,
             "violations": [r["violations"] for r in ranks],
+            "master_violations": [r["master_violations"] for r in ranks],
             "sparsity": [r["sparsity"] for r in ranks],
         }
         self.records.append(record)
-        if not record["masks_identical"] or any(record["violations"]):
+        if not record["masks_identical"] or any(record["violations"]) or any(record["master_violations"]):
             raise RuntimeError(f"pruning masks do not hold at step {step}: {ranks}")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -217,6 +231,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (ignored with --pattern N:M)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or 'N:M' such as '2:4'")
+    p.add_argument(
+        "--method", default="magnitude", help="pruning scores: 'magnitude' or 'wanda' (4 calibration batches)"
+    )
     p.add_argument("--no_qat", action="store_true", help="leave QATCallback out (to isolate a failure)")
     p.add_argument("--no_pruning", action="store_true", help="leave PruningCallback out (to isolate a failure)")
     p.add_argument("--qat_scheme", default="int8-dynamic-activation-int4-weight")
@@ -268,11 +285,20 @@ def main(argv=None):
     prune_config = PruningConfig(
         sparsity=None if args.pattern != "unstructured" else args.sparsity,
         pattern=args.pattern,
+        method=args.method,
+        num_calibration_batches=4,
         schedule="oneshot" if args.peft else "linear",
         start_step=0,
         end_step=None if args.peft else max(1, args.max_steps // 2),
         frequency=max(1, args.max_steps // 4),
     )
+    calibration = None
+    if prune_config.requires_calibration:  # Wanda: the same 4 batches on every rank (masks come from rank 0 anyway)
+        rows = RunDataset(4 * args.batch_size, args.seq_len, vocab, seed=args.seed + 7)
+        calibration = [
+            {"input_ids": torch.stack([rows[b * args.batch_size + i]["input_ids"] for i in range(args.batch_size)])}
+            for b in range(4)
+        ]
     base_dir = out / "student_base"
     rank = int(os.environ.get("RANK", 0))
     if args.peft:
@@ -280,7 +306,7 @@ def main(argv=None):
 
         # The frozen base is pruned once, here, and saved, so the adapter checkpoint points at a pruned base that
         # stock from_pretrained can load; PruningCallback recomputes the same masks and keeps them.
-        prune_(student, prune_config)
+        prune_(student, prune_config, calibration_data=calibration)
         if rank == 0:
             student.save_pretrained(base_dir)
         student = get_peft_model(
@@ -308,7 +334,7 @@ def main(argv=None):
         temperature=2.0,
         dataloader_drop_last=True,
     )
-    pruning = PruningCallback(prune_config)
+    pruning = PruningCallback(prune_config, calibration_data=calibration)
     qat = QATCallback(
         scheme=args.qat_scheme,
         group_size=args.qat_group_size,
@@ -426,7 +452,10 @@ def main(argv=None):
             "qat": not args.no_qat,
             "masks_identical_every_step": args.no_pruning
             or bool(mask_check.records)
-            and all(r["masks_identical"] and not any(r["violations"]) for r in mask_check.records),
+            and all(
+                r["masks_identical"] and not any(r["violations"]) and not any(r["master_violations"])
+                for r in mask_check.records
+            ),
             "final_sparsity": pruning.sparsity,
             "teacher_memory": memory_all,
             "reload": reload,
