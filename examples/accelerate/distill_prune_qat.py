@@ -125,12 +125,14 @@ def local_param_bytes(module: torch.nn.Module) -> tuple[int, int]:
     return local, full
 
 
-def build_model(size: str, role: str, vocab: int, seed: int) -> LlamaForCausalLM:
+def build_model(size: str, role: str, vocab: int, seed: int, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """A Llama with random weights, initialised directly on `device` (on a GPU: no slow CPU initialisation)."""
     torch.manual_seed(seed)
     spec = dict(SIZES[size][role])
     spec.setdefault("num_key_value_heads", spec["num_attention_heads"] // 2 or 1)
     config = LlamaConfig(vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=False, **spec)
-    return LlamaForCausalLM(config)
+    with torch.device(device):
+        return LlamaForCausalLM(config)
 
 
 class RunDataset(torch.utils.data.Dataset):
@@ -263,15 +265,16 @@ def load_models(args, device_is_cuda: bool):
     else:
         teacher_dtype = getattr(torch, args.teacher_dtype)
     vocab = SIZES[size]["vocab"]
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_is_cuda else "cpu"
     if args.model:
         student = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         vocab = student.config.vocab_size
     else:
-        student = build_model(size, "student", vocab, seed=args.seed + 1)
+        student = build_model(size, "student", vocab, seed=args.seed + 1, device=device)
     if args.teacher:
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=teacher_dtype)
     else:
-        teacher = build_model(size, "teacher", vocab, seed=args.seed + 2).to(teacher_dtype)
+        teacher = build_model(size, "teacher", vocab, seed=args.seed + 2, device=device).to(teacher_dtype)
     return student, teacher, vocab
 
 
@@ -480,7 +483,7 @@ def main(argv=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         if os.environ.get("OUT"):
-            tag = f"{distributed_type.lower()}{'_peft' if args.peft else ''}"
+            tag = f"{distributed_type.lower()}{'_peft' if args.peft else ''}_n{world_size}"
             Path(os.environ["OUT"], f"accelerate_{tag}.json").write_text(text)
         print("RESULT_JSON " + json.dumps(results))
     failures = gather(failures)[0]
