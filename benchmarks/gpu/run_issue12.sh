@@ -7,8 +7,8 @@
 #   NGPU=4 BUDGET_S=570 bash benchmarks/gpu/run_issue12.sh   # 4 GPUs: also N=4 scaling, matrix on 4
 #   bash benchmarks/gpu/run_issue12.sh --smoke         # CPU processes, tiny models: checks the whole schedule
 #
-#  1. matrix     examples/accelerate/run_2gpu.sh: DDP / FSDP2 / ZeRO-3 x full / LoRA student, 20 steps, two launches
-#                at a time                                                          (~150 s)
+#  1. matrix     examples/accelerate/run_2gpu.sh: DDP / FSDP2 / ZeRO-3 x full / LoRA student (19M / 50M Llamas,
+#                30 steps, QAT from step 15), two launches at a time               (~150 s)
 #  2. one_gpu    side by side: GPU 0 scaling.py N=1 plain then FSDP2 N=1 (1.1B student / 3B teacher, combined run);
 #                GPU 1 qlora_memory.py 7B NF4 vs bf16 LoRA, batch 1, 2, 4 x 2048    (~85 s)
 #  3. scaling    scaling.py under DDP, FSDP2, ZeRO-3 on N GPUs (N = 2, and 4 with NGPU=4)   (~40 s per run)
@@ -117,7 +117,8 @@ if [ -n "$SMOKE" ]; then
   step matrix 150 400 env SMOKE=1 MAX_STEPS=4 CONFIGS="ddp deepspeed_zero3" STUDENTS="full" NPROC=2 LAUNCH_TIMEOUT=300 \
     bash examples/accelerate/run_2gpu.sh
 else
-  step matrix 150 220 env NPROC="$NGPU" JOBS=2 MAX_STEPS=20 LAUNCH_TIMEOUT=100 bash examples/accelerate/run_2gpu.sh
+  step matrix 150 230 env NPROC="$NGPU" JOBS=2 MAX_STEPS=30 LAUNCH_TIMEOUT=150 EXTRA="--size small" \
+    bash examples/accelerate/run_2gpu.sh
 fi
 
 # 2. one GPU each: N=1 throughput baselines on GPU 0 while the 7B QLoRA memory benchmark runs on GPU 1

@@ -65,6 +65,12 @@ SIZES = {
         "student": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, intermediate_size=2048),
         "teacher": dict(hidden_size=1536, num_hidden_layers=16, num_attention_heads=12, intermediate_size=4096),
     },
+    # student ~19M, teacher ~50M: the GPU correctness matrix (run_2gpu.sh), where import and setup dominate
+    "small": {
+        "vocab": 32000,
+        "student": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=704),
+        "teacher": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1408),
+    },
     "tiny": {
         "vocab": 96,
         "student": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
@@ -220,6 +226,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher", help="local folder of the teacher (default: built from a Llama config)")
     p.add_argument("--tiny", action="store_true", help="tiny models and few steps (CPU tests)")
     p.add_argument("--offline", action="store_true", help="alias of --tiny")
+    p.add_argument("--size", choices=sorted(SIZES), default=None, help="model sizes (default: 'default', or 'tiny')")
     p.add_argument("--peft", action="store_true", help="LoRA student on a base pruned once before training")
     p.add_argument("--output_dir", default="out/distill_prune_qat")
     p.add_argument("--max_steps", type=int, default=None, help="default: 8 with --tiny, 60 otherwise")
@@ -259,7 +266,7 @@ def parse_args(argv=None):
 
 
 def load_models(args, device_is_cuda: bool):
-    size = "tiny" if args.tiny else "default"
+    size = args.size or ("tiny" if args.tiny else "default")
     if args.teacher_dtype == "auto":
         teacher_dtype = torch.bfloat16 if device_is_cuda else torch.float32
     else:
