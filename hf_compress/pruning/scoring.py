@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..utils.modules import is_conv1d, unwrap_model
+from ..utils.sharding import full_tensor, is_dtensor
 
 _SCORERS: dict[str, type[Scorer]] = {}
 
@@ -40,8 +41,13 @@ def get_scorer_class(name: str) -> type[Scorer]:
 
 
 def weight_as_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as (out_features, in_features); a view (GPT-2 `Conv1D` stores it transposed)."""
-    return module.weight.t() if is_conv1d(module) else module.weight
+    """The module's weight as (out_features, in_features); a view (GPT-2 `Conv1D` stores it transposed).
+
+    An FSDP2 `DTensor` weight is gathered whole first (a collective; the result is then a copy), so scores combine
+    it with plain tensors such as Wanda's activation norms.
+    """
+    weight = full_tensor(module.weight) if is_dtensor(module.weight) else module.weight
+    return weight.t() if is_conv1d(module) else weight
 
 
 class Scorer:
