@@ -58,7 +58,7 @@ class PruningConfig:
             `sparsity`); `"row"`: the weights of each output row (every output neuron keeps the same fraction of its
             inputs); `"global"`: all targeted weights (one threshold, layers end with different sparsities).
             Defaults to the method's own choice: `"row"` for `"wanda"` (the paper's per-output comparison group,
-            which it found clearly better than per-layer on LLMs), `"layer"` for `"magnitude"`; `"sparsegpt"`
+            which it found better than per-layer on LLMs), `"layer"` for `"magnitude"`; `"sparsegpt"`
             selects per block of 128 input columns as in its reference implementation (`"global"` is refused).
             N:M patterns are always per group of M inputs of a row.
         pattern (`str`, *optional*, defaults to `"unstructured"`):
