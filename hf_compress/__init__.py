@@ -9,7 +9,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._quiet import install_backend_warning_filters
+
 __version__ = "0.1.0"
+
+# Before anything imports torchao / bitsandbytes: drop the import-time lines a user cannot act on (see _quiet.py).
+install_backend_warning_filters()
 
 # public name -> submodule that defines it
 _IMPORT_STRUCTURE: dict[str, list[str]] = {

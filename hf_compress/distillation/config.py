@@ -9,9 +9,11 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from ..utils.tasks import normalize_task
 from .losses import HIDDEN_LOSS_TYPES, LOSS_TYPES
 
 TASKS = ("auto", "sequence-classification", "causal-lm", "token-classification")
+_DISTILLATION_TASKS = TASKS[1:]
 
 
 def _did_you_mean(value: str, allowed: tuple[str, ...]) -> str:
@@ -39,7 +41,10 @@ class DistillationConfig(TrainingArguments):
         jsd_beta (`float`, *optional*, defaults to `0.5`): the beta in [0, 1] of the generalized JSD.
         task (`str`, *optional*, defaults to `"auto"`):
             `sequence-classification` (one distribution per example), `causal-lm` (one per next-token position),
-            `token-classification` (one per token); `auto` infers it from the student's class.
+            `token-classification` (one per token); `auto` infers it from the student's class. PEFT `TaskType`
+            values (`SEQ_CLS`, `CAUSAL_LM`, `TOKEN_CLS`, the enum itself) and pipeline task names
+            (`text-classification`, `text-generation`, `token-classification`) are accepted too
+            ([`~hf_compress.utils.tasks.normalize_task`]); the canonical name is stored.
         hidden_loss_weight (`float`, *optional*, defaults to `0.0`):
             Weight (>= 0) of hidden-state distillation (TinyBERT / DistilBERT style); 0 turns it off.
         hidden_loss_type (`str`, *optional*, defaults to `"mse"`): `mse` or `cosine`.
@@ -78,8 +83,9 @@ class DistillationConfig(TrainingArguments):
     task: str = field(
         default="auto",
         metadata={
-            "help": "What one distribution is: per example, per next token, or per token.",
-            "choices": list(TASKS),
+            "help": "What one distribution is: 'sequence-classification' (per example), 'causal-lm' (per next token) "
+            "or 'token-classification' (per token); PEFT TaskType names (SEQ_CLS, CAUSAL_LM, TOKEN_CLS) and pipeline "
+            "task names (text-classification, text-generation) work too. 'auto': from the student's class."
         },
     )
     hidden_loss_weight: float = field(
@@ -128,10 +134,7 @@ class DistillationConfig(TrainingArguments):
             )
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta={self.jsd_beta!r} is out of range; it must be in [0, 1].")
-        if self.task not in TASKS:
-            raise ValueError(
-                f"task={self.task!r} is not supported; allowed: {list(TASKS)}." + _did_you_mean(self.task, TASKS)
-            )
+        self.task = normalize_task(self.task, _DISTILLATION_TASKS, extra=("auto",))
         if self.hidden_loss_weight < 0:
             raise ValueError(f"hidden_loss_weight={self.hidden_loss_weight!r} must be >= 0.")
         if self.hidden_loss_type not in HIDDEN_LOSS_TYPES:

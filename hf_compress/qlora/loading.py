@@ -12,6 +12,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils import find_linear_modules, require_backend, unwrap_model
+from ..utils.tasks import normalize_task
 from .loftq import loftq_init_
 from .targets import _linear_names, find_lora_target_modules
 
@@ -47,9 +48,9 @@ def _check_lora_args(lora_r: int, lora_alpha: float | None, lora_dropout: float)
     return float(lora_alpha)
 
 
-def _check_task(task: str) -> None:
-    if task not in _TASKS:
-        raise ValueError(f"task={task!r} is not supported; choose one of {sorted(_TASKS)}.")
+def _check_task(task) -> str:
+    """The canonical task name (PEFT `TaskType` values and pipeline names accepted, see `utils.tasks`)."""
+    return normalize_task(task, _TASKS)
 
 
 def _auto_class(task: str):
@@ -199,7 +200,9 @@ def prepare_qlora(
     Args:
         model (`PreTrainedModel`): the loaded model.
         task (`str`, *optional*): one of `causal-lm`, `sequence-classification`, `token-classification`,
-            `question-answering`, `seq2seq-lm`, `feature-extraction`; inferred from the class name when omitted.
+            `question-answering`, `seq2seq-lm`, `feature-extraction` (or PEFT's `TaskType` / pipeline task names:
+            `CAUSAL_LM`, `text-generation`, `SEQ_CLS`, `text-classification`, ...); inferred from the class name when
+            omitted.
         lora_r (`int`, *optional*, defaults to 16): LoRA rank.
         lora_alpha (`float`, *optional*, defaults to `2 * lora_r`): LoRA scaling numerator.
         lora_dropout (`float`, *optional*, defaults to 0.05): dropout on the LoRA input.
@@ -235,8 +238,7 @@ def prepare_qlora(
 
     alpha = _check_lora_args(lora_r, lora_alpha, lora_dropout)
     model = unwrap_model(model)
-    task = task or _infer_task(model)
-    _check_task(task)
+    task = _check_task(task or _infer_task(model))
     targets = find_lora_target_modules(model, target_modules, exclude_modules)
     if modules_to_save is None and task in _TASKS_WITH_TRAINABLE_HEAD:
         modules_to_save = [n for n in _head_module_names(model) if n != "lm_head"]
@@ -313,7 +315,9 @@ def load_qlora_model(
     Args:
         model_name_or_path (`str`): hub name or local folder of a transformers model.
         task (`str`, *optional*, defaults to `"causal-lm"`): `causal-lm`, `sequence-classification`,
-            `token-classification`, `question-answering`, `seq2seq-lm` or `feature-extraction`.
+            `token-classification`, `question-answering`, `seq2seq-lm` or `feature-extraction`; PEFT's `TaskType`
+            values (`CAUSAL_LM`, `SEQ_CLS`, ... or the enum) and pipeline task names (`text-generation`,
+            `text-classification`, ...) work too.
         lora_r, lora_alpha, lora_dropout, target_modules, exclude_modules, modules_to_save, gradient_checkpointing,
         lora_kwargs: see [`prepare_qlora`].
         load_in_4bit (`bool`, *optional*, defaults to `True`): quantize the base to 4 bits with bitsandbytes.
@@ -347,7 +351,7 @@ def load_qlora_model(
     """
     from transformers import AutoConfig
 
-    _check_task(task)
+    task = _check_task(task)
     _check_lora_args(lora_r, lora_alpha, lora_dropout)
     if load_in_4bit and load_in_8bit:
         load_in_4bit = False  # `load_in_8bit=True` is the explicit opt-in; 4-bit is only the default

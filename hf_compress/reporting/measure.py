@@ -17,12 +17,13 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils import count_parameters, unwrap_model
+from ..utils.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, normalize_task
 from .render import _MB, CompressionReport, ReportRow
 
 logger = logging.get_logger(__name__)
 
 
-TASKS = ("classification", "causal-lm")
+TASKS = (SEQUENCE_CLASSIFICATION, CAUSAL_LM)
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -129,9 +130,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
 def infer_report_task(model: nn.Module) -> str | None:
     name = type(unwrap_model(model)).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal-lm"
+        return CAUSAL_LM
     if name.endswith("ForSequenceClassification"):
-        return "classification"
+        return SEQUENCE_CLASSIFICATION
     return None
 
 
@@ -246,7 +247,8 @@ def evaluate_model(
 
     model = unwrap_model(model)
     model.eval()
-    if task == "causal-lm" and compute_metrics is None:
+    task = normalize_task(task, TASKS)
+    if task == CAUSAL_LM and compute_metrics is None:
         return {"perplexity": compute_perplexity(model, batches)}
     device = _model_device(model)
     accepted = _forward_arguments(model)
@@ -261,7 +263,7 @@ def evaluate_model(
             all_labels.append(labels.cpu())
     if not all_labels:
         raise ValueError("eval_dataset has no 'label' / 'labels' column: task metrics need labels.")
-    if task == "causal-lm":
+    if task == CAUSAL_LM:
         width = max(t.shape[1] for t in all_logits)
         all_logits = [torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in all_logits]
         all_labels = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-100) for t in all_labels]
@@ -329,7 +331,9 @@ def compression_report(
         compute_metrics (`Callable`, *optional*): a Trainer-style `compute_metrics(EvalPrediction)`; defaults to
             accuracy / precision / recall / F1 ([`~hf_compress.make_compute_metrics`]) for classification and
             perplexity for causal LMs.
-        task (`str`, *optional*): `"classification"` or `"causal-lm"`; inferred from the first model's class.
+        task (`str`, *optional*): `"sequence-classification"` (also `"classification"`, `"text-classification"`,
+            `"SEQ_CLS"`) or `"causal-lm"` (also `"text-generation"`, `"CAUSAL_LM"`); inferred from the first model's
+            class.
         processing_class (*optional*): tokenizer used to tokenize raw text and pad batches.
         data_collator (`Callable`, *optional*): batch collator; defaults to padding with `processing_class`.
         batch_size (`int`, *optional*, defaults to 32): evaluation and latency batch size.
@@ -359,8 +363,8 @@ def compression_report(
     """
     if not models:
         raise ValueError("models: pass at least one model (name -> module or path).")
-    if task is not None and task not in TASKS:
-        raise ValueError(f"task={task!r} is not supported; allowed: {list(TASKS)} or None (inferred).")
+    if task is not None:
+        task = normalize_task(task, TASKS)
     checks = (("batch_size", batch_size), ("latency_batches", latency_batches), ("warmup", warmup))
     for name, value in checks + (("decode_tokens", decode_tokens),):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
@@ -391,8 +395,8 @@ def compression_report(
                 row.latency_ms = measure_latency(model, batches, warmup=warmup, repeats=latency_batches)
                 row.latency_device = str(_model_device(model))
             if task is not None or compute_metrics is not None:
-                row.metrics = evaluate_model(model, batches, task or "classification", compute_metrics)
-        if decode_tokens and (task or infer_report_task(model)) == "causal-lm":
+                row.metrics = evaluate_model(model, batches, task or SEQUENCE_CLASSIFICATION, compute_metrics)
+        if decode_tokens and (task or infer_report_task(model)) == CAUSAL_LM:
             from ..inference import decode_tokens_per_second
 
             row.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=decode_tokens)
