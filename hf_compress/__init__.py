@@ -54,6 +54,8 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
     "recipes": ["Recipe", "load_recipe", "run_recipe"],
     "errors": ["RecipeError", "UnavailableError"],
     "utils.loading": ["smollm2_folder", "strip_gguf_quantization_"],
+    "utils.tasks": ["normalize_task"],
+    "utils.threads": ["configure_threads"],
     "utils.imports": [
         "is_bitsandbytes_available",
         "is_peft_available",

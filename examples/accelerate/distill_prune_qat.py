@@ -56,6 +56,7 @@ from hf_compress import (
     prune_,
     sparsity_report,
 )
+from hf_compress.utils.threads import configure_threads
 
 # Sizes built from a config when no --model / --teacher is given.
 SIZES = {
@@ -248,6 +249,12 @@ def parse_args(argv=None):
     p.add_argument("--teacher_dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--results_json", default=None, help="default: <output_dir>/results.json (and $OUT if set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on small or busy machines, see hf_compress.utils.threads)",
+    )
     args = p.parse_args(argv)
     args.tiny = args.tiny or args.offline
     tiny = args.tiny
@@ -283,6 +290,7 @@ def load_models(args, device_is_cuda: bool):
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_threads(args.num_threads)
     cuda = torch.cuda.is_available()
     out = Path(args.output_dir)
     student, teacher, vocab = load_models(args, cuda)

@@ -136,6 +136,15 @@ def infer_report_task(model: nn.Module) -> str | None:
     return None
 
 
+def _device_label(model: nn.Module) -> str:
+    """Where latency was measured: the device, with torch's thread count on CPU (it changes CPU latency most)."""
+    device = _model_device(model)
+    if device.type != "cpu":
+        return str(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
+
+
 def _model_device(model: nn.Module) -> torch.device:
     try:
         return next(unwrap_model(model).parameters()).device
@@ -393,14 +402,14 @@ def compression_report(
         if batches is not None:
             if latency_batches > 0:
                 row.latency_ms = measure_latency(model, batches, warmup=warmup, repeats=latency_batches)
-                row.latency_device = str(_model_device(model))
+                row.latency_device = _device_label(model)
             if task is not None or compute_metrics is not None:
                 row.metrics = evaluate_model(model, batches, task or SEQUENCE_CLASSIFICATION, compute_metrics)
         if decode_tokens and (task or infer_report_task(model)) == CAUSAL_LM:
             from ..inference import decode_tokens_per_second
 
             row.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=decode_tokens)
-            row.latency_device = str(_model_device(model))
+            row.latency_device = _device_label(model)
         logger.info(f"compression_report: {name}: {row.to_dict()}")
         rows.append(row)
     return CompressionReport(rows=rows, task=task)
