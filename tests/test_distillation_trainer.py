@@ -362,7 +362,7 @@ def test_compression_callbacks_log_before_tensorboard(tmp_path):
     tensorboard = next(i for i, cb in enumerate(order) if isinstance(cb, TensorBoardCallback))
     assert order.index(pruning) < tensorboard
     trainer.train()
-    assert any("sparsity" in h for h in trainer.state.log_history)
+    assert any("sparsity_targeted" in h for h in trainer.state.log_history)
 
 
 def test_every_public_name_is_importable():

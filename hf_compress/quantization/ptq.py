@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils import require_backend, unwrap_model
+from ..utils.model_path import resolve_model_source
 from ..utils.modules import _HEAD_NAMES
 from ..utils.output import check_output_dir, prepare_output_dir
 from .config import did_you_mean
@@ -245,7 +247,9 @@ def quantize_model(
       with [`StaticCacheDecoder`] (static KV cache, CUDA graphs).
 
     Args:
-        model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a trained model or a checkpoint folder.
+        model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a trained model (a PEFT model is merged into a
+            copy first), or a saved model folder (`trainer.save_model()`'s output or a `checkpoint-*` folder; a
+            Trainer output folder holding only checkpoints is an error that says so) or Hub name.
         method (`str`, *optional*, defaults to `"nf4"`): one of `"nf4"`, `"fp4"`, `"int8"`, `"torchao-int8"`,
             `"torchao-int4"`, `"torchao-int4-cuda"`.
         compute_dtype (`str` or `torch.dtype`, *optional*, defaults to `"bfloat16"`): 4-bit bitsandbytes compute dtype.
@@ -274,10 +278,13 @@ def quantize_model(
     ```
     """
     build_quantization_config(method, llm_int8_threshold=llm_int8_threshold, group_size=group_size)  # validates
+    if isinstance(model_or_path, (str, os.PathLike)):
+        # a missing folder, or one holding only checkpoints, fails here with a clear message (not after Hub retries)
+        model_or_path = resolve_model_source(model_or_path, "model_or_path")
+    else:
+        check_quantizable(model_or_path)
     if output_dir is not None:
         output_dir = check_output_dir(output_dir, overwrite)
-
-    from transformers import PreTrainedModel
 
     with tempfile.TemporaryDirectory(prefix="hf_compress_ptq_") as tmp:
         if isinstance(model_or_path, (str, os.PathLike)):
@@ -288,11 +295,9 @@ def quantize_model(
             reference = None
         else:
             reference = unwrap_model(model_or_path)
-            if not isinstance(reference, PreTrainedModel):
-                raise TypeError(
-                    f"quantize_model needs a transformers PreTrainedModel or a checkpoint path, got "
-                    f"{type(reference).__name__}."
-                )
+            if _is_peft_model(reference):
+                # LoRA (or other PEFT) adapters: quantize the merged weights of a copy; the adapter stays as it is.
+                reference = copy.deepcopy(reference).merge_and_unload()
             cls = model_class or type(reference)
             if device_map is None:
                 device = next(reference.parameters()).device
@@ -327,6 +332,41 @@ def quantize_model(
             processing_class.save_pretrained(output_dir)
         logger.info(f"Saved the {method} quantized model to {output_dir}.")
     return quantized
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def check_quantizable(model: nn.Module, argument: str = "model_or_path") -> None:
+    """Raise before any work if `quantize_model` cannot quantize `model` (checked at the start of a run by
+    [`PostTrainingQuantizationCallback`], so a wrong model fails before training rather than after it).
+
+    A transformers `PreTrainedModel` is quantizable, and so is a PEFT model on a full-precision base (its adapters
+    are merged into a copy). A PEFT model on a 4-bit / 8-bit base is not: its base is already quantized.
+    """
+    from transformers import PreTrainedModel
+
+    model = unwrap_model(model)
+    if _is_peft_model(model):
+        base = model.get_base_model()
+        if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+            raise ValueError(
+                f"{argument}: a PEFT model on a quantized (k-bit) base cannot be quantized again; merge its adapters "
+                "into a dequantized base and requantize with merge_qlora(adapter_dir, output_dir, requantize='nf4')."
+            )
+        model = base
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"{argument}: quantize_model needs a transformers PreTrainedModel (or a PEFT model on one) or the path of "
+            f"a saved model folder, got {type(model).__name__}."
+        )
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None or getattr(model, "is_quantized", False):
+        raise ValueError(
+            f"{argument}: the model is already quantized ({getattr(qc, 'quant_method', qc)}); quantize_model takes a "
+            "full-precision model."
+        )
 
 
 def _check_group_size(model: nn.Module, method: str, group_size: int, skip_modules: list[str]) -> None:
