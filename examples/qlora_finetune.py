@@ -192,3 +192,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # under `accelerate launch`
+        torch.distributed.destroy_process_group()  # a live gloo group can abort the exit (pytorch/pytorch#190489)

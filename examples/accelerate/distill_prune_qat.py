@@ -535,3 +535,7 @@ def print_summary(r: dict) -> None:
 
 if __name__ == "__main__":
     main()
+    if is_dist():
+        # Every rank, after its last collective: a process exiting with its gloo/NCCL group alive can abort at
+        # interpreter shutdown ("terminate called without an active exception", pytorch/pytorch#190489).
+        torch.distributed.destroy_process_group()

@@ -128,7 +128,8 @@ def find_linear_modules(
 
 @torch.no_grad()
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters), counting each shared tensor once."""
+    """(parameters, non-zero parameters), counting each shared tensor once; quantized weights (bitsandbytes 4-bit,
+    torchao tensor subclasses) count as non-zero."""
     seen: set[int] = set()
     total = nonzero = 0
     for p in unwrap_model(model).parameters():
@@ -144,5 +145,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             nonzero += n
             continue
         total += n
-        nonzero += int(torch.count_nonzero(p).item()) if p.dtype.is_floating_point or not p.is_meta else n
+        if p.is_meta:
+            nonzero += n
+            continue
+        try:
+            nonzero += int(torch.count_nonzero(p).item())
+        except (NotImplementedError, RuntimeError, TypeError):
+            # Quantized tensor subclasses (torchao's IntxUnpackedToInt8Tensor, ...) implement no count_nonzero;
+            # like packed bitsandbytes weights, quantized weights count as non-zero.
+            nonzero += n
     return total, nonzero
