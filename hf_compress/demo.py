@@ -321,7 +321,8 @@ def run_demo(config: DemoConfig | None = None, **kwargs: Any):
         )
         teacher = build_teacher(config, tokenizer, num_labels)
     recipe_fields = demo_recipe(config, len(data["train"]), teacher if config.teacher is not None else None)
-    recipe = load_recipe(recipe_fields)  # validated before anything is written
+    # validated before anything is written; the input model folder is written below, so it is checked at run time
+    recipe = load_recipe(recipe_fields, check_models=False)
     root = Path(config.output_dir)
     check_recipe_output(recipe)
     check_output_dir(root / INPUT_DIR, config.overwrite, f"output_dir/{INPUT_DIR}")

@@ -321,7 +321,7 @@ def test_hidden_distillation_default_mapping_and_projection(tmp_path):
 @pytest.mark.multiprocess
 def test_ddp_two_processes_end_with_identical_students(tmp_path):
     script = Path(__file__).parent / "scripts" / "ddp_distill.py"
-    from multiprocess import torchrun
+    from torchrun_utils import torchrun
 
     proc = torchrun([str(script), str(tmp_path)], env={"PYTHONPATH": str(Path(__file__).parent)})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -57,12 +57,12 @@ def _worker(out_dir: str) -> None:  # runs under torchrun
     tensors.update({f"local.{k}": v.to(torch.uint8) for k, v in local.items()})
     tensors.update({f"param.{k}": v.detach().contiguous() for k, v in model.named_parameters()})
     save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
-    torch.distributed.destroy_process_group()  # see tests/multiprocess.py
+    torch.distributed.destroy_process_group()  # see tests/torchrun_utils.py
 
 
 @pytest.mark.multiprocess
 def test_ddp_two_ranks_identical_masks(tmp_path):
-    from multiprocess import torchrun
+    from torchrun_utils import torchrun
     from safetensors.torch import load_file
 
     proc = torchrun([__file__, str(tmp_path)], env={"PYTHONPATH": str(HERE.parent)})

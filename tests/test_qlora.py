@@ -447,7 +447,7 @@ def test_qlora_under_torchrun_ddp(llama_dir, tmp_path):
     import json
     import os
 
-    from multiprocess import torchrun
+    from torchrun_utils import torchrun
 
     script = tmp_path / "ddp_qlora.py"
     script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(__file__), base=str(llama_dir), out=str(tmp_path)))

@@ -22,7 +22,15 @@ from ..utils.output import (
     library_files,
 )
 from .data import _load_data
-from .recipe import Recipe, Stage, _training_class, load_recipe
+from .recipe import (
+    Recipe,
+    Stage,
+    _training_class,
+    check_stage_steps,
+    load_recipe,
+    resolve_recipe_model,
+    training_steps,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -61,8 +69,8 @@ class _Run:
         return compression_report(
             {name: model_or_path},
             eval_dataset=self.eval_set,
-            compute_metrics=make_compute_metrics("classification"),
-            task="classification",
+            compute_metrics=make_compute_metrics("sequence-classification"),
+            task="sequence-classification",
             processing_class=self.tokenizer,
             data_collator=self.collator,
             methods={name: methods},
@@ -93,11 +101,15 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     elif overrides:
         raise ValueError("overrides are only applied when the recipe is given as a file or dict.")
     start = time.perf_counter()
+    for key in ("model", "teacher", "tokenizer"):  # a missing folder fails now, not after ~50 s of Hub retries
+        if getattr(recipe, key):
+            setattr(recipe, key, resolve_recipe_model(getattr(recipe, key), key, None))
     folders = recipe.stage_dirs()
     _prepare_output(recipe, folders)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer or recipe.model)
-    train_set, eval_set = _load_data(recipe, tokenizer)
+    train_set, eval_set = _load_data(recipe, tokenizer, _label2id(recipe.model))
+    _check_steps(recipe, len(train_set))  # schedules against each stage's length, before any stage trains
     report_kwargs = {"batch_size": 32, "latency_batches": 3, "warmup": 1, **recipe.report}
     include_input = report_kwargs.pop("include_input", True)
     run = _Run(recipe, tokenizer, train_set, eval_set, DataCollatorWithPadding(tokenizer), report_kwargs)
@@ -114,6 +126,24 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     report.timings = timings  # type: ignore[attr-defined]
     _write_report(report, Path(recipe.output_dir), {"timings_s": timings})
     return report
+
+
+def _label2id(model: str) -> dict[str, int]:
+    from transformers import AutoConfig
+
+    return dict(getattr(AutoConfig.from_pretrained(model), "label2id", None) or {})
+
+
+def _check_steps(recipe: Recipe, num_train_examples: int) -> None:
+    import torch
+
+    for stage in recipe.stages:
+        if stage.args is None:
+            continue
+        cls = _training_class(stage)
+        defaults = {"report_to": "none", "save_strategy": "no", "use_cpu": not torch.cuda.is_available()}
+        args = cls(output_dir=str(Path(recipe.output_dir) / stage.folder_name), **{**defaults, **stage.args})
+        check_stage_steps(stage, training_steps(args, num_train_examples))
 
 
 def _run_stage(run: _Run, stage: Stage, folder: Path):
@@ -141,7 +171,7 @@ def _run_stage(run: _Run, stage: Stage, folder: Path):
     reference = run.rows[0] if run.rows[0] is not row else None
     reference_figures = {"name": reference.name, "size_mb": reference.disk_mb} if reference else None
     write_model_card(folder, _row_figures(row), run.methods, reference_figures)
-    report = CompressionReport(rows=list(run.rows), task="classification")
+    report = CompressionReport(rows=list(run.rows), task="sequence-classification")
     _write_report(report, folder)
     logger.info(f"hf_compress recipe: after {stage.label}:\n{report.to_markdown()}")
     if stage.type not in ("quantize", "qat"):
