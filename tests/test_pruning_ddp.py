@@ -62,8 +62,8 @@ def _worker(out_dir: str) -> None:  # runs under torchrun
 
 @pytest.mark.multiprocess
 def test_ddp_two_ranks_identical_masks(tmp_path):
-    from torchrun_utils import torchrun
     from safetensors.torch import load_file
+    from torchrun_utils import torchrun
 
     proc = torchrun([__file__, str(tmp_path)], env={"PYTHONPATH": str(HERE.parent)})
     assert proc.returncode == 0, proc.stderr[-4000:]

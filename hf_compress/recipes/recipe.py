@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..errors import RecipeError
+from ..errors import RecipeError, UnavailableError
 from .fields import _check_fields, _dataclass_hints, _did_you_mean, _signature_hints
 
 logger = logging.get_logger(__name__)
@@ -247,9 +247,6 @@ def load_recipe(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     data.update(overrides)
     dataset, report = _check_top_level(data)
-    base_dir = None if isinstance(source, Mapping) else Path(source).resolve().parent
-    data = _resolve_inputs(data, base_dir, set(overrides), check_models)
-    dataset = data.get("dataset") or dataset
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
         raise RecipeError("recipe: field 'stages' must be a non-empty list of stages.")
@@ -285,6 +282,11 @@ def load_recipe(
         if stage.distill_from_teacher and not any(s.type == "distill" for s in stages[: stage.index]):
             if not recipe.teacher:
                 raise RecipeError(f"{stage.label}: field 'distill_from_teacher' needs an earlier 'distill' stage.")
+    # last, as it may ask the Hub about a name: the input paths (relative to the recipe file) and their models
+    base_dir = None if isinstance(source, Mapping) else Path(source).resolve().parent
+    inputs = _resolve_inputs(data, base_dir, set(overrides), check_models)
+    recipe.model, recipe.teacher, recipe.tokenizer = inputs["model"], inputs.get("teacher"), inputs.get("tokenizer")
+    recipe.dataset = dict(inputs.get("dataset") or recipe.dataset)
     return recipe
 
 
@@ -349,9 +351,11 @@ def resolve_recipe_model(value: str, key: str, base_dir: Path | None, check: boo
             return str(base_dir / candidate)
         return value
     try:
-        return resolve_model_source(value, f"recipe: field {key!r}", base_dir=base_dir)
+        return resolve_model_source(value, key, base_dir=base_dir)
     except FileNotFoundError as err:
-        raise RecipeError(str(err)) from None
+        raise RecipeError(f"recipe: {err}") from None
+    except UnavailableError as err:
+        raise UnavailableError(f"recipe: {err}") from None
 
 
 # dataset field -> (check, what is allowed)

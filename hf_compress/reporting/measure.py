@@ -167,6 +167,7 @@ def _prepare_batches(
     text_column: str,
     max_length: int | None,
     max_batches: int | None,
+    label2id: Mapping[str, int] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Collated batches (on CPU) of `dataset`: a datasets.Dataset (tokenized here from `text_column` if it holds raw
     text and a tokenizer is given), or any sequence of feature dicts."""
@@ -192,6 +193,12 @@ def _prepare_batches(
             dataset = dataset.rename_column("label", "labels")
         keep = {"input_ids", "attention_mask", "token_type_ids", "labels"}
         dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+        if "labels" in dataset.column_names and dataset.features["labels"].dtype == "string":
+            to_id = label_id_mapping(dataset.unique("labels"), label2id)
+            dataset = dataset.map(lambda b: {"labels": [to_id[v] for v in b["labels"]]}, batched=True)
+    elif len(dataset) and isinstance(dataset[0], Mapping) and isinstance(dataset[0].get("labels"), str):
+        to_id = label_id_mapping({row["labels"] for row in dataset}, label2id)
+        dataset = [{**row, "labels": to_id[row["labels"]]} for row in dataset]
     if data_collator is None:
         data_collator = DataCollatorWithPadding(processing_class) if processing_class is not None else None
         data_collator = data_collator or default_data_collator
@@ -205,6 +212,43 @@ def _prepare_batches(
     if not batches:
         raise ValueError("eval_dataset is empty.")
     return batches
+
+
+def label_id_mapping(labels: Iterable[str], label2id: Mapping[str, int] | None) -> dict[str, int]:
+    """Class ids of string labels through a model config's `label2id` (exact, else case-insensitive).
+
+    Raises:
+        `ValueError` naming the labels that do not map and the `label2id` there is.
+    """
+    label2id = dict(label2id or {})
+    lower = {str(k).lower(): v for k, v in label2id.items()}
+    mapping, missing = {}, []
+    for label in sorted(set(labels)):
+        if label in label2id:
+            mapping[label] = label2id[label]
+        elif label.lower() in lower:
+            mapping[label] = lower[label.lower()]
+        else:
+            missing.append(label)
+    if missing:
+        raise ValueError(
+            f"eval_dataset: string labels {missing} are not in the model's label2id {label2id}: set the model config's "
+            "label2id / id2label to these names (or pass a datasets ClassLabel column, or integer labels)."
+        )
+    return mapping
+
+
+def _label2id(model_or_path: Any) -> dict[str, int] | None:
+    """`label2id` of a model or saved folder (None when it has none or the folder does not exist yet)."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        if not Path(model_or_path).is_dir():
+            return None
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_or_path)
+    else:
+        config = getattr(unwrap_model(model_or_path), "config", None)
+    return dict(getattr(config, "label2id", None) or {}) or None
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device, accepted: set[str]) -> dict[str, Any]:
@@ -393,6 +437,7 @@ def compression_report(
             text_column=text_column,
             max_length=max_length,
             max_batches=max_eval_batches,
+            label2id=_label2id(next(iter(models.values()))),  # string labels map through the model's label2id
         )
     rows: list[ReportRow] = []
     for name, model_or_path in models.items():
