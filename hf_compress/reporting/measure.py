@@ -17,6 +17,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils import count_parameters, unwrap_model
+from ..utils.model_path import check_saved_model_folder
 from ..utils.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, normalize_task
 from .render import _MB, CompressionReport, ReportRow
 
@@ -332,6 +333,8 @@ def _size_row(name: str, model_or_path, device, methods: Sequence[str]) -> tuple
     if isinstance(model_or_path, (str, os.PathLike)):
         if not Path(model_or_path).exists():
             raise FileNotFoundError(f"models[{name!r}]: no saved model at {str(model_or_path)!r}.")
+        if Path(model_or_path).is_dir():  # e.g. a Trainer output folder holding only checkpoints: say so
+            check_saved_model_folder(model_or_path, f"models[{name!r}]")
         disk = disk_bytes(model_or_path)
         model = load_model(model_or_path, device=device)
     else:

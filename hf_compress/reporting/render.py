@@ -284,17 +284,20 @@ def model_card_section(
 def _with_metadata(text: str, base_model: str | None, tags: Sequence[str]) -> str:
     """`text` (a model card) with a YAML header holding `library_name`, `base_model` (unless set) and `tags` added to
     the ones already there; other metadata is kept."""
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
 
-    card = ModelCard(text if text.startswith("---") else "---\n---\n" + text)
-    data = card.data
+    if text.startswith("---"):
+        card = ModelCard(text)
+        data, body = card.data, card.text
+    else:
+        data, body = ModelCardData(), text
     if not getattr(data, "library_name", None):
         data.library_name = "transformers"
     if base_model and not getattr(data, "base_model", None):
         data.base_model = base_model
     existing = list(getattr(data, "tags", None) or [])
     data.tags = existing + [t for t in dict.fromkeys((*CARD_TAGS, *tags)) if t not in existing]
-    return str(card)
+    return f"---\n{data.to_yaml()}\n---\n{body}"
 
 
 def _replace_section(text: str, section: str) -> str:

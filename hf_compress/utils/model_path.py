@@ -75,7 +75,7 @@ def resolve_model_source(
     text = os.fspath(value)
     path = Path(text).expanduser()
     if not path.is_absolute() and base_dir is not None:
-        path = Path(base_dir) / path
+        path = Path(os.path.normpath(Path(base_dir) / path))
     where = f" (relative paths are resolved against {str(base_dir)!r})" if base_dir is not None else ""
     if path.is_dir():
         return str(check_saved_model_folder(path, argument))
