@@ -378,3 +378,19 @@ def test_int4_decoding_on_gpu_runs_in_graphs():
     decoder = StaticCacheDecoder(model, 32)
     tokens = decoder.generate(_ids(1, 8).cuda(), 8)
     assert tokens.shape == (1, 16) and decoder.runner.stats["captures"] == 1
+
+
+def test_flatten_leading_dims_gives_the_same_outputs_through_2d_calls():
+    from hf_compress.pruning.semi_structured import _flatten_leading_dims_
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 3, 8)
+    expected = linear(x)
+    seen = []
+    _flatten_leading_dims_(linear)
+    linear.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    out = linear(x)
+    assert out.shape == (2, 3, 4)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert seen == [(6, 8)]  # what the layer (the fp8 kernel) is called with

@@ -236,6 +236,22 @@ def _fp8_sparse_config():
     )
 
 
+def _flatten_leading_dims_(linear: nn.Module) -> None:
+    """Make `linear` take (..., in) inputs through 2-D calls: torchao's fp8 2:4 CUTLASS kernel checks that the
+    activation scale is 2-D and fails on the (batch, seq, in) inputs of a transformer (measured on an H200)."""
+
+    def flatten(module, args):
+        x = args[0]
+        module._hf_compress_leading_shape = x.shape[:-1]
+        return (x.reshape(-1, x.shape[-1]),) + tuple(args[1:])
+
+    def unflatten(module, args, output):
+        return output.reshape(*module._hf_compress_leading_shape, output.shape[-1])
+
+    linear.register_forward_pre_hook(flatten)
+    linear.register_forward_hook(unflatten)
+
+
 def _sparse_linear_like(weight: torch.Tensor, weight_format: str) -> nn.Linear:
     """An `nn.Linear` holding `weight` (out, in) in the 2:4 format: what a converted layer computes."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
@@ -457,6 +473,8 @@ def accelerate_sparse_inference_(model: nn.Module, config: SparseInferenceConfig
         from torchao.quantization import quantize_
 
         quantize_(model, _fp8_sparse_config(), filter_fn=lambda module, fqn: fqn in chosen)
+        for linear in linears.values():
+            _flatten_leading_dims_(linear)
     if config.cuda_graphs:
         from ..inference import capture_cuda_graphs_
 
