@@ -199,6 +199,21 @@ def quantize_int4_for_decoding_(
     return chosen
 
 
+def _default_skip_modules_for_path(cls, path: str | os.PathLike) -> list[str]:
+    """The output heads of the model saved at `path`, found on an empty (meta-device) instance of `cls`, so a
+    checkpoint folder keeps the same layers in full precision as the in-memory model would."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    build = getattr(cls, "_from_config", None) or getattr(cls, "from_config", None)
+    if build is None:
+        return []
+    with init_empty_weights():
+        skeleton = build(config)
+    return default_skip_modules(skeleton)
+
+
 def _model_class_for_path(path: str | os.PathLike):
     import transformers
     from transformers import AutoConfig, AutoModel
@@ -305,7 +320,9 @@ def quantize_model(
             reference.save_pretrained(tmp)
             path = Path(tmp)
         if skip_modules is None:
-            skip_modules = default_skip_modules(reference) if reference is not None else None
+            skip_modules = (
+                default_skip_modules(reference) if reference is not None else _default_skip_modules_for_path(cls, path)
+            )
         quantization_config = build_quantization_config(
             method,
             compute_dtype=compute_dtype,
