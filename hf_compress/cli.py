@@ -161,9 +161,13 @@ def _report_command(ns: argparse.Namespace) -> int:
 
     from .reporting import compression_report
 
+    from .utils.model_path import check_saved_model_folder
+
     names = ns.names or [str(p).rstrip("/").split("/")[-1] for p in ns.models]
     if len(names) != len(ns.models):
         raise SystemExit(f"hf-compress report: --names gives {len(names)} names for {len(ns.models)} models.")
+    for index, folder in enumerate(ns.models):  # before loading anything (a missing folder is not a Hub name here)
+        check_saved_model_folder(folder, f"models[{index}]")
     eval_dataset = tokenizer = max_length = None
     if ns.dataset is not None:
         from .data import load_phishing_dataset
