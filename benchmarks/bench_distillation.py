@@ -73,6 +73,7 @@ def run(
     models: tuple | None = None,
     bf16: bool = False,
     vocab_size: int = 8000,
+    fused_lm_head_loss: bool = True,
 ) -> dict:
     """`models=(teacher, student, labels_fn)` replaces the built-in pair (e.g. a bf16 or 4-bit teacher on a GPU);
     `bf16=True` trains both students under bf16 autocast, as `TrainingArguments(bf16=True)` does."""
@@ -87,7 +88,9 @@ def run(
         bf16=bf16,
     )
     distill = DistillationTrainer(
-        model=student, teacher_model=teacher, args=DistillationConfig(output_dir="/tmp/bench_d", **common)
+        model=student,
+        teacher_model=teacher,
+        args=DistillationConfig(output_dir="/tmp/bench_d", fused_lm_head_loss=fused_lm_head_loss, **common),
     )
     plain = Trainer(model=plain_student, args=TrainingArguments(output_dir="/tmp/bench_p", **common))
     for t in (distill, plain):
@@ -140,6 +143,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--materialised", action="store_true", help="causal LM: fused_lm_head_loss=False (full logits)"
+    )
     args = parser.parse_args()
     tasks = ["classification", "causal-lm"] if args.task == "both" else [args.task]
     print(
@@ -149,7 +155,15 @@ def main():
     print("| task | distill step (ms) | student step (ms) | teacher fwd (ms) | ratio (goal <= 1.05) |")
     print("|---|---|---|---|---|")
     for task in tasks:
-        r = run(task, args.rounds, args.warmup, args.batch_size, args.seq, args.device)
+        r = run(
+            task,
+            args.rounds,
+            args.warmup,
+            args.batch_size,
+            args.seq,
+            args.device,
+            fused_lm_head_loss=not args.materialised,
+        )
         print(
             f"| {task} | {r['distill_step_ms']:.1f} | {r['student_step_ms']:.1f} | {r['teacher_forward_ms']:.1f} | "
             f"{r['ratio']:.3f} |"

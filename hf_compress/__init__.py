@@ -54,6 +54,10 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
     "recipes": ["Recipe", "load_recipe", "run_recipe"],
     "errors": ["RecipeError", "UnavailableError"],
     "utils.loading": ["smollm2_folder", "strip_gguf_quantization_"],
+    "utils.checkpoints": ["CorruptCheckpointError", "is_complete_checkpoint", "last_complete_checkpoint"],
+    "utils.reliability": ["NonFiniteError"],
+    "utils.shutdown": ["GracefulShutdownCallback"],
+    "utils.validation": ["InvalidArgumentTypeError"],
     "utils.tasks": ["normalize_task"],
     "utils.threads": ["configure_threads"],
     "utils.imports": [

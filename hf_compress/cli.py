@@ -160,7 +160,6 @@ def _report_command(ns: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .reporting import compression_report
-
     from .utils.model_path import check_saved_model_folder
 
     names = ns.names or [str(p).rstrip("/").split("/")[-1] for p in ns.models]

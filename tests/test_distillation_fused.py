@@ -526,3 +526,24 @@ def test_ddp_and_fsdp2_two_processes(tmp_path):
         assert grads["fused"].keys() == grads["plain"].keys()
         for name in grads["plain"]:
             torch.testing.assert_close(grads["fused"][name], grads["plain"][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_linear_subclass_head_is_not_trusted(tmp_path, caplog):
+    """A Linear subclass (e.g. a QAT fake-quantized head) may not compute hidden @ weight.T: materialised path."""
+
+    class ScaledLinear(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 1.001
+
+    student = tiny_llama(layers=1, seed=2)
+    old = student.lm_head
+    student.lm_head = ScaledLinear(old.in_features, old.out_features, bias=False)
+    student.lm_head.weight = old.weight
+    trainer = DistillationTrainer(model=student, teacher_model=tiny_llama(seed=1), args=_args(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        loss = trainer.compute_loss(student, _batch())
+    assert trainer._fused_lm_heads is None and "ScaledLinear" in caplog.text
+    reference = DistillationTrainer(
+        model=student, teacher_model=trainer.teacher_model, args=_args(tmp_path, fused_lm_head_loss=False)
+    ).compute_loss(student, _batch())
+    torch.testing.assert_close(loss, reference)

@@ -234,8 +234,9 @@ def _env(key: str, value: str):
             os.environ[key] = old
 
 
-def measure_config(vocab, seq, batch, device, smoke, rounds, warmup, deadline, with_default) -> dict:
-    result: dict = {"vocab": vocab, "seq_len": seq, "batch_size": batch, "tokens_per_step": seq * batch}
+def measure_config(vocab, seq, batch, device, smoke, rounds, warmup, deadline, with_default, result, save) -> dict:
+    """Fills `result` phase by phase (calling `save()` after each, so a kill keeps what was measured)."""
+    result.update({"vocab": vocab, "seq_len": seq, "batch_size": batch, "tokens_per_step": seq * batch})
     variants = Variants(vocab, seq, device, smoke, with_default)
     result["errors"] = dict(variants.errors)
     result["student_params"] = variants.student_params
@@ -256,6 +257,7 @@ def measure_config(vocab, seq, batch, device, smoke, rounds, warmup, deadline, w
                 if has_cuda():
                     torch.cuda.empty_cache()
     result["first_step_loss"] = first_loss
+    save()
     # peak memory of one step at this batch size
     peaks = {}
     for name in list(live):
@@ -266,32 +268,47 @@ def measure_config(vocab, seq, batch, device, smoke, rounds, warmup, deadline, w
             result["errors"][name] = ("OOM: " if _is_oom(err) else f"{type(err).__name__}: ") + str(err)[:300]
             torch.cuda.empty_cache() if has_cuda() else None
     result["peak_step_mib"] = peaks
+    save()
     # interleaved timing rounds, order alternating; stop early (>= 3 rounds) when the budget runs out
     times = {name: [] for name in live}
     for r in range(rounds):
         if r >= 3 and elapsed() > deadline:
             break
-        order = live if r % 2 == 0 else list(reversed(live))
+        order = list(live) if r % 2 == 0 else list(reversed(live))
         for name in order:
+            if name not in live:
+                continue
             fn = variants.step_fn(name, data[r % 2])
             if has_cuda():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            fn()
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001 - e.g. OOM next to the other variants: drop this one
+                live.remove(name)
+                result["errors"][name] = ("OOM: " if _is_oom(err) else f"{type(err).__name__}: ") + str(err)[:300]
+                if has_cuda():
+                    torch.cuda.empty_cache()
+                continue
             if has_cuda():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
-    result["rounds"] = len(next(iter(times.values()), []))
+    result["rounds"] = max((len(v) for v in times.values()), default=0)
     result["step_ms"] = {n: statistics.median(v) * 1e3 for n, v in times.items() if v}
+    save()
     # peak memory at half the batch: per-sample slope -> largest batch that fits (extrapolated)
     if has_cuda() and batch >= 2 and elapsed() < deadline + 30:
         half = make_batches(1, batch // 2, seq, vocab, device)[0]
         capacity = torch.cuda.get_device_properties(0).total_memory * 0.95 / 2**20
         est = {}
         for name in live:
-            if name in ("teacher_fwd",):
+            if name in ("teacher_fwd",) or name not in peaks:
                 continue
-            low = _peak(variants.step_fn(name, half))
+            try:
+                low = _peak(variants.step_fn(name, half))
+            except Exception as err:  # noqa: BLE001
+                result["errors"][f"{name}_half_batch"] = f"{type(err).__name__}: {str(err)[:200]}"
+                continue
             slope = (peaks[name] - low) / (batch - batch // 2)
             fixed = peaks[name] - slope * batch
             room = capacity - variants.resident_bytes(name) / 2**20 - fixed
@@ -314,6 +331,41 @@ def measure_config(vocab, seq, batch, device, smoke, rounds, warmup, deadline, w
 
 def _ratio(a, b):
     return a / b if a is not None and b not in (None, 0) else None
+
+
+def print_goals(results: list[dict]) -> None:
+    """The issue's goals, fused against materialised, one row per configuration (printed first)."""
+    rows = []
+    for r in results:
+        ms, mem, mb = r.get("step_ms", {}), r.get("loss_memory_mib", {}), r.get("max_batch", {})
+        if not ms:
+            continue
+        best = lambda d, k: d.get(k, {}).get("max_batch_est") if isinstance(d.get(k), dict) else None  # noqa: E731
+        rows.append([
+            f"{r['vocab']} / {r['batch_size']}x{r['seq_len']}",
+            _ratio(mem.get("fused"), mem.get("materialised")), _ratio(ms.get("fused"), ms.get("materialised")),
+            _ratio(best(mb, "fused"), best(mb, "materialised")), r.get("step_cost_ratio", {}).get("fused"),
+            r.get("step_cost_ratio", {}).get("fused_default"),
+            _ratio(mem.get("fused"), mem.get("trl_gkd")), _ratio(ms.get("fused"), ms.get("trl_gkd")),
+            _ratio(mem.get("fused"), mem.get("trl_gkd_liger")), _ratio(ms.get("fused"), ms.get("trl_gkd_liger")),
+        ])  # fmt: skip
+    print(
+        markdown_table(
+            [
+                "vocab / tokens",
+                "loss mem fused/mat. (<=0.25)",
+                "time fused/mat. (<=1)",
+                "max batch fused/mat. (>=2)",
+                "step-cost ratio (<=1.03)",
+                "ratio, T=2 a=0.5",
+                "loss mem fused/TRL",
+                "time fused/TRL",
+                "loss mem fused/TRL+Liger",
+                "time fused/TRL+Liger",
+            ],
+            rows,
+        )  # fmt: skip
+    )
 
 
 def print_main(results: list[dict]) -> None:
@@ -373,18 +425,30 @@ def run_main(args, device) -> None:
             payload["results"].append({"vocab": vocab, "seq_len": seq, "batch_size": batch, "skipped": "budget"})
             continue
         deadline = elapsed() + share - (5 if not args.smoke else 0)
+        res: dict = {}
+        payload["results"].append(res)
+
+        def save():
+            write_json("distill_llm_loss", payload, args.json)
+
         try:
-            res = measure_config(vocab, seq, batch, device, args.smoke, rounds, warmup, deadline,
-                                 with_default=(vocab > 100000 or args.smoke) and i == 0)  # fmt: skip
+            measure_config(vocab, seq, batch, device, args.smoke, rounds, warmup, deadline,
+                           with_default=(vocab > 100000 or args.smoke) and i == 0, result=res, save=save)  # fmt: skip
         except Exception as err:  # noqa: BLE001 - keep what was measured for the other configs
-            res = {"vocab": vocab, "seq_len": seq, "batch_size": batch, "error": f"{type(err).__name__}: {err}"[:500]}
+            res["error"] = f"{type(err).__name__}: {err}"[:500]
             if has_cuda():
                 torch.cuda.empty_cache()
         res["elapsed_s"] = elapsed()
-        payload["results"].append(res)
-        write_json("distill_llm_loss", payload, args.json)
+        from hf_compress.distillation import losses
+
+        res["fp32_out_gemm_used"] = losses._FP32_OUT_GEMM
+        res["compiled_chunk_math"] = losses._COMPILED_CHUNK_LOSSES is not None and (
+            losses._COMPILED_CHUNK_LOSSES is not losses._chunk_losses
+        )
+        save()
         print(f"[{elapsed():.0f}s] done vocab {vocab} {batch}x{seq}", flush=True)
-    print(f"\n# Distillation loss at LLM scale: {payload['env']['device']}")
+    print(f"\n# Distillation loss at LLM scale: {payload['env']['device']}: goals (fused vs the others)")
+    print_goals(payload["results"])
     print_main(payload["results"])
 
 

@@ -4,6 +4,7 @@ from .config import DistillationConfig
 from .losses import (
     distillation_loss,
     forward_kl_loss,
+    fused_linear_distillation_loss,
     hidden_state_loss,
     jsd_loss,
     mse_logits_loss,
@@ -17,6 +18,7 @@ __all__ = [
     "create_student",
     "distillation_loss",
     "forward_kl_loss",
+    "fused_linear_distillation_loss",
     "hidden_state_loss",
     "jsd_loss",
     "mse_logits_loss",

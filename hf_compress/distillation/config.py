@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,15 +9,21 @@ from typing import Any
 from transformers import TrainingArguments
 
 from ..utils.tasks import normalize_task
+from ..utils.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_int_list,
+    check_mapping,
+    check_number,
+    check_output_folder,
+)
 from .losses import HIDDEN_LOSS_TYPES, LOSS_TYPES
 
 TASKS = ("auto", "sequence-classification", "causal-lm", "token-classification")
 _DISTILLATION_TASKS = TASKS[1:]
-
-
-def _did_you_mean(value: str, allowed: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(value), allowed, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
+# What a non-finite loss part, teacher output or input does to the step (see `DistillationTrainer`).
+NONFINITE_POLICIES = ("raise", "skip", "off")
 
 
 @dataclass
@@ -62,6 +67,11 @@ class DistillationConfig(TrainingArguments):
         teacher_model_init_kwargs (`dict` or JSON `str`, *optional*):
             Keyword arguments of `from_pretrained` when the teacher is given as a name or path, e.g.
             `{"dtype": "bfloat16"}` or `{"quantization_config": BitsAndBytesConfig(load_in_4bit=True)}`.
+        nonfinite (`str`, *optional*, defaults to `"raise"`):
+            What a NaN or inf in a float input (`inputs_embeds`, ...), the teacher's logits or a loss part does, and
+            an input id or label out of range: `"raise"` stops the step with a [`NonFiniteError`] naming the part and
+            the step; `"skip"` gives that batch a zero gradient and counts it in the logs (`nonfinite_skipped`);
+            `"off"` checks nothing (no host sync).
 
     >>> from hf_compress import DistillationConfig
     >>> args = DistillationConfig(output_dir="out", temperature=2.0, alpha=0.5, loss_type="forward_kl")
@@ -113,56 +123,35 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "from_pretrained kwargs (dict or JSON string) used when the teacher is a name or path."},
     )
+    nonfinite: str = field(
+        default="raise",
+        metadata={
+            "help": "A NaN/inf input, teacher output or loss part: 'raise' (stop with an error naming it and the "
+            "step), 'skip' (drop that batch, count it in the logs) or 'off' (no check).",
+            "choices": list(NONFINITE_POLICIES),
+        },
+    )
 
     def __post_init__(self):
         self._validate_distillation_fields()
         super().__post_init__()
 
     def _validate_distillation_fields(self) -> None:
-        if (
-            isinstance(self.temperature, bool)
-            or not isinstance(self.temperature, (int, float))
-            or self.temperature <= 0
-        ):
-            raise ValueError(f"temperature={self.temperature!r} is out of range; it must be a number > 0.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha={self.alpha!r} is out of range; it must be a number in [0, 1].")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(
-                f"loss_type={self.loss_type!r} is not supported; allowed: {list(LOSS_TYPES)}."
-                + _did_you_mean(self.loss_type, LOSS_TYPES)
-            )
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta={self.jsd_beta!r} is out of range; it must be in [0, 1].")
+        self.temperature = check_number("temperature", self.temperature, low=0.0, low_inclusive=False)
+        self.alpha = check_number("alpha", self.alpha, low=0.0, high=1.0)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        self.jsd_beta = check_number("jsd_beta", self.jsd_beta, low=0.0, high=1.0)
         self.task = normalize_task(self.task, _DISTILLATION_TASKS, extra=("auto",))
-        if self.hidden_loss_weight < 0:
-            raise ValueError(f"hidden_loss_weight={self.hidden_loss_weight!r} must be >= 0.")
-        if self.hidden_loss_type not in HIDDEN_LOSS_TYPES:
-            raise ValueError(
-                f"hidden_loss_type={self.hidden_loss_type!r} is not supported; allowed: {list(HIDDEN_LOSS_TYPES)}."
-            )
-        if self.hidden_layer_mapping is not None:
-            mapping = list(self.hidden_layer_mapping)
-            if not mapping or any(not isinstance(i, int) or i < 0 for i in mapping):
-                raise ValueError(
-                    f"hidden_layer_mapping={self.hidden_layer_mapping!r} must be a non-empty list of teacher layer "
-                    "indices >= 0, one per student layer."
-                )
-            self.hidden_layer_mapping = mapping
-        if not isinstance(self.fused_lm_head_loss, bool):
-            raise ValueError(
-                f"fused_lm_head_loss={self.fused_lm_head_loss!r} must be a bool (True: chunked loss without full "
-                "logits, False: materialised logits)."
-            )
-        if self.fused_lm_head_chunk_size is not None and (
-            isinstance(self.fused_lm_head_chunk_size, bool)
-            or not isinstance(self.fused_lm_head_chunk_size, int)
-            or self.fused_lm_head_chunk_size < 1
-        ):
-            raise ValueError(
-                f"fused_lm_head_chunk_size={self.fused_lm_head_chunk_size!r} must be a positive int (positions per "
-                "chunk) or None (automatic)."
-            )
+        self.hidden_loss_weight = check_number("hidden_loss_weight", self.hidden_loss_weight, low=0.0)
+        check_choice("hidden_loss_type", self.hidden_loss_type, HIDDEN_LOSS_TYPES)
+        self.hidden_layer_mapping = check_int_list(
+            "hidden_layer_mapping", self.hidden_layer_mapping, low=0, allow_empty=False
+        )
+        check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        check_output_folder("output_dir", self.output_dir)
+        self.fused_lm_head_loss = check_bool("fused_lm_head_loss", self.fused_lm_head_loss)
+        if self.fused_lm_head_chunk_size is not None:
+            self.fused_lm_head_chunk_size = check_int("fused_lm_head_chunk_size", self.fused_lm_head_chunk_size, low=1)
         if isinstance(self.teacher_model_init_kwargs, str):
             try:
                 self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
@@ -170,8 +159,4 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError(
                     f"teacher_model_init_kwargs={self.teacher_model_init_kwargs!r} is not valid JSON: {err}."
                 ) from None
-        if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
-            raise ValueError(
-                f"teacher_model_init_kwargs must be a dict or a JSON object string, got "
-                f"{type(self.teacher_model_init_kwargs).__name__}."
-            )
+        check_mapping("teacher_model_init_kwargs", self.teacher_model_init_kwargs)

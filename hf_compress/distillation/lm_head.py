@@ -90,8 +90,16 @@ def find_output_head(model: nn.Module) -> OutputHead:
             )
     except ImportError:
         pass
-    if not isinstance(head, nn.Linear):
-        raise UnsupportedHead(f"the output head of {type(base).__name__} is a {type(head).__name__}, not nn.Linear")
+    # nn.Linear's own forward (also under FSDP2, whose FSDPLinear class only adds hooks), or bitsandbytes (read
+    # through its own kernel). A Linear subclass with its own forward (fake quantization for QAT, custom layers)
+    # may compute something else than `hidden @ weight.T + bias`.
+    if not isinstance(head, nn.Linear) or not (
+        type(head).forward is nn.Linear.forward or type(head).__module__.startswith("bitsandbytes.")
+    ):
+        raise UnsupportedHead(
+            f"the output head of {type(base).__name__} is a {type(head).__module__}.{type(head).__name__}, not a "
+            "plain or bitsandbytes nn.Linear"
+        )
     scale, softcap = _logit_postprocessing(getattr(base, "config", None))
     return OutputHead(head, scale, softcap)
 

@@ -4,6 +4,9 @@ Every function takes student and teacher tensors whose last dimension is the dis
 an optional boolean `mask` over the leading dimensions (True = this position counts), and a `reduction`:
 `"none"` (one value per position), `"sum"` over the kept positions, or `"mean"` over the kept positions.
 The trainer uses `"sum"` and divides by the number of items in the whole (accumulated) batch itself.
+
+`fused_linear_distillation_loss` takes the final hidden states and output-head weights instead of logits and
+returns the same sums (plus the cross-entropy part) without ever building the full logits.
 """
 
 from __future__ import annotations

@@ -14,8 +14,20 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
+from ..utils.checkpoints import CorruptCheckpointError, checkpoint_problems, last_complete_checkpoint
 from ..utils.modules import unwrap_model
+from ..utils.reliability import NonFiniteError, honour_ddp_timeout
+from ..utils.validation import check_writable_folder
 from .config import DistillationConfig
+from .guard import (
+    ID_INPUTS,
+    bad_parts,
+    describe_nonfinite_tensor,
+    describe_out_of_range,
+    loss_flags,
+    prepare_batch_checks,
+    raise_or_warn,
+)
 from .lm_head import HeadInputCapture, UnsupportedHead, find_output_head, head_parameters, logits_match
 from .losses import (
     distillation_loss,
@@ -52,6 +64,21 @@ def infer_task(model: nn.Module) -> str:
     )
 
 
+def _check_task_matches_model(task: str, model: nn.Module) -> None:
+    """A task the student's class contradicts (e.g. `causal-lm` for a classifier) fails here, not at step 1."""
+    if task == "auto":
+        return
+    try:
+        inferred = infer_task(model)
+    except ValueError:  # a class whose name says nothing: the task is the user's word
+        return
+    if inferred != task:
+        raise ValueError(
+            f"task={task!r} does not match the student {type(_base_model(model)).__name__}, a {inferred} model: "
+            f"set task={inferred!r} or task='auto'."
+        )
+
+
 def _output_width(model: nn.Module, task: str) -> int | None:
     """Number of logits per position: classes for classifiers, (padded) vocabulary rows for LMs."""
     base = _base_model(model)
@@ -82,6 +109,17 @@ def _hidden_width(model: nn.Module) -> int | None:
         if getattr(config, key, None) is not None:
             return int(getattr(config, key))
     return None
+
+
+def _input_vocabulary(model: nn.Module) -> int | None:
+    """Rows of the input embedding table (ids at or above it cannot be looked up), or None if unknown."""
+    get = getattr(_base_model(model), "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        embeddings = None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return int(rows) if rows else None
 
 
 def default_layer_mapping(num_student_layers: int, num_teacher_layers: int) -> list[int]:
@@ -164,6 +202,7 @@ class DistillationTrainer(Trainer):
             values = {f.name: getattr(args, f.name) for f in fields(args) if f.init}
             args = DistillationConfig(**values)
         self.task = args.task if args.task != "auto" else infer_task(model)
+        _check_task_matches_model(args.task, model)
         if isinstance(teacher_model, (str, os.PathLike)):
             teacher_model = self._load_teacher(str(teacher_model), args.teacher_model_init_kwargs or {})
         elif args.teacher_model_init_kwargs:
@@ -192,6 +231,7 @@ class DistillationTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        self._setup_batch_guard(model, teacher_model)
         _log_compression_figures_before_integrations(self.callback_handler)
         self._hf_compress_keeps_card = True  # create_model_card below; CompressionReportCallback need not wrap it
 
@@ -348,10 +388,18 @@ class DistillationTrainer(Trainer):
         return mask, labels
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not return_outputs and self._fused_lm_head_plan(model) is not None:
+        """The distillation loss of a batch, behind the batch guard (`args.nonfinite`, see `_guarded_loss`)."""
+        if not model.training or (self.args.nonfinite == "off" and self._guard_first_batch_done):
+            return self._distillation_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self._guarded_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _distillation_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Training steps take the fused LM-head path where it applies (the batch guard asks for outputs too: it
+        # gets None and recomputes the student's logits only on its failure path); evaluation returns full logits.
+        if (not return_outputs or model.training) and self._fused_lm_head_plan(model) is not None:
             loss = self._fused_lm_head_loss(model, inputs, num_items_in_batch)
             if loss is not None:  # None: this setup cannot use it (logged once); the materialised path follows
-                return loss
+                return (loss, None) if return_outputs else loss
         args: DistillationConfig = self.args
         student_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         want_hidden = args.hidden_loss_weight > 0
@@ -558,7 +606,148 @@ class DistillationTrainer(Trainer):
             if values:
                 logs[f"{prefix}{key}"] = round(torch.stack(values).float().mean().item(), 6)
         parts.clear()
+        if mode == "train" and self._nonfinite_skipped:
+            logs["nonfinite_skipped"] = self._nonfinite_skipped
         super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ reliability (guard: see guard.py)
+    def _setup_batch_guard(self, student: nn.Module, teacher: nn.Module) -> None:
+        limits = [n for n in (_input_vocabulary(student), _input_vocabulary(teacher)) if n]
+        self._input_id_limit = min(limits) if limits else None
+        self._label_limit = self._shared_width or _output_width(student, self.task)
+        self._nonfinite_skipped = 0
+        self._guard_first_batch_done = False
+
+    def _guarded_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """`_distillation_loss` with every check of the batch (inputs, ids, labels, loss parts) in one host sync.
+
+        With `nonfinite="off"` only the first batch is checked (ids and labels ranges)."""
+        check_values = self.args.nonfinite != "off"
+        self._guard_first_batch_done = True
+        raw_inputs = inputs
+        inputs, flags = prepare_batch_checks(
+            inputs, input_id_limit=self._input_id_limit, label_limit=self._label_limit
+        )
+        if not check_values:
+            flags = {k: v for k, v in flags.items() if not k.startswith("input ")}
+        recorded = self._loss_parts["train"]
+        counts = {key: len(values) for key, values in recorded.items()}
+        loss, outputs = self._distillation_loss(model, inputs, True, num_items_in_batch)
+        parts = {"loss": loss}
+        parts.update({k: v[-1] for k, v in recorded.items() if len(v) > counts.get(k, 0)})
+        if check_values:
+            flags.update(loss_flags(parts))
+        bad = bad_parts(flags)
+        if bad:
+            loss = self._handle_bad_batch(model, raw_inputs, inputs, outputs, bad, parts)
+            for key, values in recorded.items():  # the skipped batch's parts stay out of the logged means
+                del values[counts.get(key, 0) :]
+        return (loss, outputs) if return_outputs else loss
+
+    def _handle_bad_batch(self, model, raw_inputs, inputs, outputs, bad: list[str], parts) -> torch.Tensor:
+        """Raise naming what is wrong, or (`nonfinite="skip"`) count the batch and return a loss of zero gradient."""
+        step = self.state.global_step + 1
+        range_problems, nonfinite = [], []
+        for name in bad:
+            if name in ID_INPUTS:
+                range_problems.append(describe_out_of_range(name, raw_inputs[name], self._input_id_limit))
+            elif name == "labels":
+                range_problems.append(
+                    describe_out_of_range("labels", raw_inputs["labels"], self._label_limit, ignore_index=-100)
+                )
+            elif name.startswith("input "):
+                key = name.removeprefix("input ")
+                nonfinite.append(describe_nonfinite_tensor(f"input {key!r}", raw_inputs[key]) or name)
+        bad_losses = [name for name in bad if name in parts]
+        student_finite = not any(n.startswith("input ") for n in bad)
+        if bad_losses and student_finite and not range_problems:
+            # Locate the cause: the teacher's logits (recomputed, failure path only) or the student's.
+            try:
+                teacher_logits = self._teacher_forward(inputs).logits
+            except Exception:  # a teacher that cannot run twice: name the loss parts only
+                teacher_logits = None
+            student_logits = (
+                outputs.logits if outputs is not None else self._student_logits_for_diagnosis(model, inputs)
+            )
+            for label, logits in (("teacher logits", teacher_logits), ("student logits", student_logits)):
+                found = describe_nonfinite_tensor(label, logits, rows=True)
+                if found:
+                    nonfinite.append(found)
+                    student_finite = student_finite and label != "student logits"
+            nonfinite.append(
+                "loss parts " + ", ".join(f"{name}={float(parts[name].detach().float()):.4g}" for name in bad_losses)
+            )
+        raise_or_warn(
+            bad, step=step, policy=self.args.nonfinite, range_problems=range_problems, nonfinite_problems=nonfinite
+        )
+        self._nonfinite_skipped += 1
+        logger.warning(
+            f"Training step {step}: skipped a batch with non-finite values ({'; '.join(nonfinite)}); "
+            f"{self._nonfinite_skipped} batch(es) skipped so far (nonfinite='skip')."
+        )
+        return self._zero_gradient_loss(model, outputs, student_finite)
+
+    @staticmethod
+    def _student_logits_for_diagnosis(model, inputs) -> torch.Tensor | None:
+        """The student's full logits, recomputed on the failure path of the fused LM-head loss (which never builds
+        them) to say where a non-finite value came from."""
+        try:
+            with torch.no_grad():
+                return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        except Exception:  # a model that cannot run twice: the loss parts are named without it
+            return None
+
+    def _zero_gradient_loss(self, model, outputs, student_finite: bool) -> torch.Tensor:
+        """A loss whose gradient is exactly zero for every trainable parameter, so a skipped batch changes nothing
+        (the optimizer still steps on the other micro-batches of the step, and under DDP every rank reduces)."""
+        logits = getattr(outputs, "logits", None)
+        if student_finite and torch.is_tensor(logits) and logits.requires_grad:
+            return logits.sum() * 0.0  # the student's own graph is finite: zero times it is zero everywhere
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise NonFiniteError(
+                f"Training step {self.state.global_step + 1}: the student's own forward pass is non-finite, and with "
+                "sharded parameters (FSDP / DeepSpeed) the batch cannot be skipped without running its backward "
+                "pass; nonfinite='skip' only skips batches whose student forward is finite here."
+            )
+        # The student's graph holds NaN/inf (0 * NaN is NaN): take the zero from the parameters themselves.
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.stack([p.sum(dtype=torch.float32) for p in params]).nan_to_num().sum() * 0.0
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """`Trainer.train`, with checks before the first step: the output folder is writable, `ddp_timeout` bounds
+        every collective, and `resume_from_checkpoint=True` resumes from the last *complete* checkpoint (an
+        incomplete one, e.g. from a process killed while saving, is skipped with a warning); a checkpoint path
+        given explicitly must be complete."""
+        resume_from_checkpoint = self._resolve_checkpoint(resume_from_checkpoint)
+        honour_ddp_timeout(self.args)
+        if self.args.should_save and str(self.args.save_strategy) not in ("no", "SaveStrategy.NO"):
+            check_writable_folder("output_dir", self.args.output_dir)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def _resolve_checkpoint(self, resume_from_checkpoint):
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            path = last_complete_checkpoint(self.args.output_dir)
+            if path is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True: no complete checkpoint in output_dir={self.args.output_dir!r}."
+                )
+        else:
+            path = os.fspath(resume_from_checkpoint)
+            problems = checkpoint_problems(path)
+            if problems:
+                raise CorruptCheckpointError(
+                    f"resume_from_checkpoint={path!r} is not a complete checkpoint: {'; '.join(problems)}."
+                )
+        # Callbacks (PruningCallback's masks) find the checkpoint folder there.
+        self.args.resume_from_checkpoint = path
+        return path
 
     # ------------------------------------------------------------------ model card
     def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:

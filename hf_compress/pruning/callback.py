@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+import weakref
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -12,7 +13,18 @@ from transformers.trainer_callback import ExportableState, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from ..utils.checkpoints import CorruptCheckpointError, resumed_checkpoint_folder
 from ..utils.modules import unwrap_model
+from ..utils.reliability import (
+    bounded_collectives,
+    check_finite_weights,
+    check_ranks_alive,
+    ensure_callback_state_slot,
+    honour_ddp_timeout,
+    saved_callback_state,
+)
+from ..utils.validation import InvalidArgumentTypeError, check_writable_folder
+from .checkpoint import MASKS_NAME, load_verified_masks, save_masks
 from .config import PruningConfig
 from .schedule import is_pruning_step, last_pruning_step_at_or_before, sparsity_at_step
 from .scoring import get_scorer_class
@@ -29,30 +41,48 @@ from .unstructured import (
 
 logger = logging.get_logger(__name__)
 
-MASKS_NAME = "pruning_masks.safetensors"
-
 # Calibration batches cannot go into trainer_state.json; when the Trainer re-creates this callback from a checkpoint
-# (`restore_callback_states_from_checkpoint=True`) the new instance finds them here through its `calibration_key`.
-_CALIBRATION_DATA: dict[str, Any] = {}
+# (`restore_callback_states_from_checkpoint=True`) the new instance finds them on the instance it replaces, through
+# its `calibration_key`. Weak references only: the batches live as long as a callback holding them, not as long as
+# the process.
+_LIVE_CALLBACKS: weakref.WeakValueDictionary[str, PruningCallback] = weakref.WeakValueDictionary()
 
 
-def _broadcast_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _broadcast_masks(
+    masks: dict[str, torch.Tensor], timeout_s: float | None = None, what: str = "PruningCallback"
+) -> dict[str, torch.Tensor]:
     """Under torch.distributed, make every rank use rank 0's masks (scores can differ by float noise or by
     rank-local calibration batches; masks must not). DTensor masks (FSDP2) are left as they are: `compute_masks`
-    already scattered them from rank 0's whole mask."""
+    already scattered them from rank 0's whole mask. A stalled rank makes this fail within `timeout_s` (the run's
+    `ddp_timeout`) with a `TimeoutError`, instead of blocking the others."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return masks
     if torch.distributed.get_world_size() == 1:
         return masks
+    what = f"{what}: broadcasting the pruning masks"
+    check_ranks_alive(timeout_s, what)
     out = {}
-    for name in sorted(masks):
-        if _is_dtensor(masks[name]):
-            out[name] = masks[name]
-            continue
-        buffer = masks[name].to(torch.uint8)  # gloo has no bool collectives
-        torch.distributed.broadcast(buffer, src=0)
-        out[name] = buffer.bool()
+    with bounded_collectives(timeout_s, what):
+        for name in sorted(masks):
+            if _is_dtensor(masks[name]):
+                out[name] = masks[name]
+                continue
+            buffer = masks[name].to(torch.uint8)  # gloo has no bool collectives
+            torch.distributed.broadcast(buffer, src=0)
+            out[name] = buffer.bool()
     return {name: out[name] for name in masks}
+
+
+def _check_calibration_data(calibration_data) -> None:
+    """Batches are iterated at every pruning step: a single dict (its keys would be iterated) or a string is a
+    mistake found only then, possibly after hours of training."""
+    if calibration_data is None:
+        return
+    if isinstance(calibration_data, (str, bytes, Mapping, torch.Tensor)) or not isinstance(calibration_data, Iterable):
+        raise InvalidArgumentTypeError(
+            f"calibration_data must be an iterable of batches (a list of dicts of tensors, or a DataLoader), got "
+            f"{type(calibration_data).__name__}; wrap a single batch in a list."
+        )
 
 
 class PruningCallback(TrainerCallback, ExportableState):
@@ -94,11 +124,18 @@ class PruningCallback(TrainerCallback, ExportableState):
 
     def __init__(self, config: PruningConfig | dict, calibration_data=None, calibration_key: str | None = None):
         if isinstance(config, dict):
-            config = PruningConfig(**config)
+            try:
+                config = PruningConfig(**config)
+            except TypeError as err:  # an unknown key: name the argument it came in
+                raise InvalidArgumentTypeError(f"config={config!r} is not a valid PruningConfig: {err}.") from None
         if not isinstance(config, PruningConfig):
-            raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}.")
+            raise InvalidArgumentTypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}.")
+        if calibration_key is not None and (not isinstance(calibration_key, str) or not calibration_key):
+            raise InvalidArgumentTypeError(f"calibration_key={calibration_key!r} must be a non-empty string or None.")
         if calibration_data is None and calibration_key is not None:
-            calibration_data = _CALIBRATION_DATA.get(calibration_key)
+            previous = _LIVE_CALLBACKS.get(calibration_key)
+            calibration_data = previous.calibration_data if previous is not None else None
+        _check_calibration_data(calibration_data)
         if config.requires_calibration and calibration_data is None:
             raise ValueError(
                 f"method={config.method!r} needs calibration_data: pass a few batches of model inputs, e.g. "
@@ -109,7 +146,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         self.calibration_key = calibration_key
         if calibration_data is not None:
             self.calibration_key = calibration_key or uuid.uuid4().hex
-            _CALIBRATION_DATA[self.calibration_key] = calibration_data
+            _LIVE_CALLBACKS[self.calibration_key] = self
         self.masks: dict[str, torch.Tensor] = {}
         self.sparsity_target = 0.0
         self.last_pruning_step: int | None = None
@@ -118,12 +155,15 @@ class PruningCallback(TrainerCallback, ExportableState):
         self._layer_sparsity: dict[str, float] = {}
         self._kept: dict[str, int] = {}
         self._scorer = get_scorer_class(config.method)()
+        self._ddp_timeout: float | None = None
 
     # ExportableState: the Trainer stores this in trainer_state.json of every checkpoint.
     def state(self) -> dict:
         return {
             "args": {"config": self.config.to_dict(), "calibration_key": self.calibration_key},
             "attributes": {"sparsity_target": self.sparsity_target, "last_pruning_step": self.last_pruning_step},
+            # Files on_save adds to the checkpoint: a checkpoint without them is incomplete (see utils.checkpoints).
+            "checkpoint_files": [MASKS_NAME] if self.masks else [],
         }
 
     @property
@@ -146,6 +186,8 @@ class PruningCallback(TrainerCallback, ExportableState):
         self._layer_sparsity = {name: 1 - self._kept[name] / m.numel() for name, m in self.masks.items()}
 
     def _prune(self, model: nn.Module, step: int) -> None:
+        # NaN/inf weights would get NaN scores, and topk over NaN picks an arbitrary mask: stop, naming the modules.
+        check_finite_weights(self._modules, "PruningCallback", step)
         target = sparsity_at_step(self.config, step)
         if self._scorer.requires_calibration:
             self._scorer.prepare(model, self._modules, self.calibration_data, self.config.num_calibration_batches)
@@ -157,47 +199,46 @@ class PruningCallback(TrainerCallback, ExportableState):
             modules=self._modules,
             scorer=self._scorer,
         )
-        self._set_masks(_broadcast_masks(masks))
+        self._set_masks(_broadcast_masks(masks, self._ddp_timeout, f"PruningCallback at step {step}"))
         self.sparsity_target = target
         self.last_pruning_step = step
         logger.info(f"Pruning at step {step}: target {target:.4f}, sparsity {self.sparsity:.4f}")
 
     def _find_checkpoint_masks(self, args, state) -> str | None:
-        candidates = []
-        if isinstance(getattr(args, "resume_from_checkpoint", None), str):
-            candidates.append(args.resume_from_checkpoint)
-        candidates.append(os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"))
-        for folder in candidates:
-            path = os.path.join(folder, MASKS_NAME)
-            if os.path.isfile(path):
-                return path
-        return None
+        resumed = resumed_checkpoint_folder(args)
+        if resumed is not None:  # the folder is known: its masks or none (an incomplete checkpoint)
+            path = os.path.join(resumed, MASKS_NAME)
+            return path if os.path.isfile(path) else None
+        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", MASKS_NAME)
+        return path if os.path.isfile(path) else None
 
     def _restore(self, args, state) -> None:
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        if isinstance(saved, list):
-            saved = saved[0] if saved else None
-        if saved and "attributes" in saved:
-            self.sparsity_target = saved["attributes"].get("sparsity_target", 0.0)
-            self.last_pruning_step = saved["attributes"].get("last_pruning_step")
-        else:
-            self.last_pruning_step = last_pruning_step_at_or_before(self.config, state.global_step)
-            self.sparsity_target = (
-                sparsity_at_step(self.config, self.last_pruning_step) if self.last_pruning_step is not None else 0.0
-            )
+        saved = saved_callback_state(state, self)
+        scheduled = last_pruning_step_at_or_before(self.config, state.global_step)
+        path = self._find_checkpoint_masks(args, state)
+        if not saved or "attributes" not in saved:
+            if scheduled is not None or path is not None:
+                raise ValueError(
+                    f"Resuming at step {state.global_step}: the checkpoint's trainer_state.json holds no "
+                    f"{type(self).__name__} state (stateful_callbacks: {sorted(state.stateful_callbacks or {})}), "
+                    "but the schedule has pruned by this step"
+                    + (f" and {path} exists" if path else "")
+                    + ". The checkpoint was written without this callback or its state was removed; resume from a "
+                    "checkpoint written with the same callbacks, or start the pruning run afresh."
+                )
+            return  # pruning starts later in this run: nothing to restore
+        self.sparsity_target = saved["attributes"].get("sparsity_target", 0.0)
+        self.last_pruning_step = saved["attributes"].get("last_pruning_step")
         if self.last_pruning_step is None:
             return
-        path = self._find_checkpoint_masks(args, state)
         if path is not None:
-            from safetensors.torch import load_file
-
-            loaded = load_file(path)
-            if set(loaded) != set(self._modules):
-                raise ValueError(
-                    f"{path} holds masks for other modules than this run prunes (config or model changed): "
-                    f"{sorted(set(loaded) ^ set(self._modules))[:5]}"
-                )
-            masks = {name: loaded[name].bool() for name in self._modules}
+            masks = load_verified_masks(path, self._modules, self.config, self.sparsity_target)
+        elif resumed_checkpoint_folder(args) is not None:
+            raise CorruptCheckpointError(
+                f"{os.path.join(resumed_checkpoint_folder(args), MASKS_NAME)} is missing, but the checkpoint's "
+                f"trainer state records pruning at step {self.last_pruning_step}: the save was interrupted. Resume from an "
+                "earlier checkpoint (trainer.train(resume_from_checkpoint=last_complete_checkpoint(output_dir)))."
+            )
         else:
             # The checkpoint's weights hold the zeros; a kept weight that is exactly 0.0 would be taken as pruned.
             logger.warning(
@@ -205,7 +246,28 @@ class PruningCallback(TrainerCallback, ExportableState):
                 "loaded weights."
             )
             masks = {name: module.weight.detach() != 0 for name, module in self._modules.items()}
-        self._set_masks(_broadcast_masks(masks))
+        self._set_masks(_broadcast_masks(masks, self._ddp_timeout, f"PruningCallback resuming at {state.global_step}"))
+
+    def _check_schedule_fits(self, max_steps: int | None) -> None:
+        """Before the first step: a schedule that starts after the run ends is an error; one whose last step is past
+        the end is warned about with the sparsity the run will reach."""
+        if not max_steps or max_steps <= 0:
+            return
+        config = self.config
+        if config.start_step > max_steps:
+            raise ValueError(
+                f"start_step={config.start_step} is after the run's last step (max_steps={max_steps}): the model "
+                "would never be pruned. Lower start_step or train longer."
+            )
+        last = config.end_step if config.schedule != "oneshot" else config.start_step
+        if last is not None and last > max_steps:
+            reachable_step = last_pruning_step_at_or_before(config, max_steps)
+            reachable = sparsity_at_step(config, reachable_step) if reachable_step is not None else 0.0
+            logger.warning(
+                f"PruningCallback: end_step={last} is after the run's last step (max_steps={max_steps}): the schedule "
+                f"stops at step {reachable_step} with sparsity {reachable:.4f} instead of "
+                f"{config.target_sparsity:.4f}. Lower end_step or train longer to reach the target."
+            )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is None:
@@ -213,6 +275,12 @@ class PruningCallback(TrainerCallback, ExportableState):
         model = unwrap_model(model)
         self._modules = get_pruning_targets(model, self.config)
         self.masks = {}
+        self._check_schedule_fits(getattr(state, "max_steps", 0) or getattr(args, "max_steps", 0))
+        ensure_callback_state_slot(state, self)  # a resumed checkpoint without this callback must still save
+        honour_ddp_timeout(args)
+        self._ddp_timeout = getattr(args, "ddp_timeout", None)
+        if state.is_world_process_zero and str(getattr(args, "save_strategy", "no")) not in ("no", "SaveStrategy.NO"):
+            check_writable_folder("output_dir", args.output_dir)  # checkpoints (and the masks in them) go there
         if state.global_step > 0:
             self._restore(args, state)
         elif is_pruning_step(self.config, 0):
@@ -257,11 +325,8 @@ class PruningCallback(TrainerCallback, ExportableState):
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
-            from safetensors.torch import save_file
-
-            save_file(
-                {name: mask.contiguous().cpu() for name, mask in masks.items()}, os.path.join(folder, MASKS_NAME)
-            )
+            # Atomic, with a checksum and what the masks should hold, verified by load_verified_masks on resume.
+            save_masks(folder, masks, self.config, self.sparsity_target, state.global_step)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self.masks and model is not None:

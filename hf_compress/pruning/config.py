@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..utils.validation import (
+    InvalidArgumentTypeError,
+    check_choice,
+    check_int,
+    check_number,
+    check_patterns,
+)
 
 _SCOPES = ("layer", "global")
 _SCHEDULES = ("oneshot", "linear", "cubic")
@@ -29,11 +36,6 @@ def parse_nm_pattern(pattern: str) -> tuple[int, int] | None:
             f"pattern={pattern!r} is not allowed: an N:M pattern needs 0 < N < M (for example '2:4' or '4:8')."
         )
     return n, m
-
-
-def _did_you_mean(value: str, allowed) -> str:
-    close = difflib.get_close_matches(str(value), list(allowed), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 @dataclass
@@ -105,27 +107,18 @@ class PruningConfig:
     def __post_init__(self):
         from .scoring import available_scorers
 
-        scorers = available_scorers()
-        if self.method not in scorers:
-            raise ValueError(
-                f"method={self.method!r} is not allowed: choose one of {sorted(scorers)}."
-                + _did_you_mean(self.method, scorers)
-            )
-        if self.scope not in _SCOPES:
-            raise ValueError(
-                f"scope={self.scope!r} is not allowed: choose one of {list(_SCOPES)}."
-                + _did_you_mean(self.scope, _SCOPES)
-            )
-        if self.schedule not in _SCHEDULES:
-            raise ValueError(
-                f"schedule={self.schedule!r} is not allowed: choose one of {list(_SCHEDULES)}."
-                + _did_you_mean(self.schedule, _SCHEDULES)
+        check_choice("method", self.method, available_scorers())
+        check_choice("scope", self.scope, _SCOPES)
+        check_choice("schedule", self.schedule, _SCHEDULES)
+        if not isinstance(self.pattern, str):
+            raise InvalidArgumentTypeError(
+                f"pattern={self.pattern!r} is not allowed: it must be 'unstructured' or an 'N:M' string such as "
+                f"'2:4', got {type(self.pattern).__name__}."
             )
         nm = parse_nm_pattern(self.pattern)
-        if self.sparsity is not None and not (
-            isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool) and 0 <= self.sparsity < 1
-        ):
-            raise ValueError(f"sparsity={self.sparsity!r} is not allowed: it must be a number in [0, 1).")
+        self.sparsity = check_number(
+            "sparsity", self.sparsity, low=0.0, high=1.0, high_inclusive=False, allow_none=True
+        )
         if nm is not None:
             n, m = nm
             if self.sparsity is not None and abs(self.sparsity - (1 - n / m)) > 1e-9:
@@ -138,27 +131,26 @@ class PruningConfig:
                     f"scope={self.scope!r} is not allowed with pattern={self.pattern!r}: N:M sparsity is decided "
                     "per group of M weights, use scope='layer'."
                 )
-        if not 0 <= self.initial_sparsity < 1:
-            raise ValueError(f"initial_sparsity={self.initial_sparsity!r} is not allowed: it must be in [0, 1).")
+        self.target_modules = check_patterns("target_modules", self.target_modules)
+        self.exclude_modules = check_patterns("exclude_modules", self.exclude_modules)
+        self.initial_sparsity = check_number(
+            "initial_sparsity", self.initial_sparsity, low=0.0, high=1.0, high_inclusive=False
+        )
         if self.initial_sparsity > self.target_sparsity:
             raise ValueError(
                 f"initial_sparsity={self.initial_sparsity!r} is larger than the final sparsity "
                 f"{self.target_sparsity!r}: it must be smaller or equal."
             )
-        if not isinstance(self.start_step, int) or self.start_step < 0:
-            raise ValueError(f"start_step={self.start_step!r} is not allowed: it must be an integer >= 0.")
-        if self.end_step is not None and (not isinstance(self.end_step, int) or self.end_step < self.start_step):
+        self.start_step = check_int("start_step", self.start_step, low=0)
+        self.end_step = check_int("end_step", self.end_step, allow_none=True)
+        if self.end_step is not None and self.end_step < self.start_step:
             raise ValueError(
                 f"end_step={self.end_step!r} is not allowed: it must be an integer >= start_step={self.start_step}."
             )
         if self.schedule in ("linear", "cubic") and self.end_step is None:
             raise ValueError(f"end_step=None is not allowed with schedule={self.schedule!r}: give the last step.")
-        if not isinstance(self.frequency, int) or self.frequency < 1:
-            raise ValueError(f"frequency={self.frequency!r} is not allowed: it must be an integer >= 1.")
-        if not isinstance(self.num_calibration_batches, int) or self.num_calibration_batches < 1:
-            raise ValueError(
-                f"num_calibration_batches={self.num_calibration_batches!r} is not allowed: it must be an integer >= 1."
-            )
+        self.frequency = check_int("frequency", self.frequency, low=1)
+        self.num_calibration_batches = check_int("num_calibration_batches", self.num_calibration_batches, low=1)
 
     @property
     def nm(self) -> tuple[int, int] | None:

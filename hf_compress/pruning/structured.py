@@ -9,7 +9,6 @@ maintained library removes structure from Hugging Face models so that they still
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,16 +33,12 @@ from ..utils.surgery import (
     subset_per_layer_config_,
     validate_config_change,
 )
+from ..utils.validation import check_choice, check_int, check_int_list, check_number
 
 logger = logging.get_logger(__name__)
 
 _IMPORTANCE = ("l2", "l1", "activation")
 _LAYER_IMPORTANCE = ("evenly_spaced", "block_influence")
-
-
-def _did_you_mean(value: str, allowed: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(allowed), n=1, cutoff=0.5)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 @dataclass
@@ -115,28 +110,27 @@ class StructuredPruningConfig:
     num_calibration_batches: int = field(default=8, metadata={"help": "Calibration batches used at most (>= 1)."})
 
     def __post_init__(self):
-        if isinstance(self.ffn_pruning_ratio, bool) or not isinstance(self.ffn_pruning_ratio, (int, float)):
-            raise ValueError(f"ffn_pruning_ratio must be a number in [0, 1), got {self.ffn_pruning_ratio!r}")
-        if not 0.0 <= self.ffn_pruning_ratio < 1.0:
-            raise ValueError(f"ffn_pruning_ratio must be in [0, 1), got {self.ffn_pruning_ratio}")
-        _check_optional_positive_int("target_intermediate_size", self.target_intermediate_size)
+        self.ffn_pruning_ratio = check_number(
+            "ffn_pruning_ratio", self.ffn_pruning_ratio, low=0.0, high=1.0, high_inclusive=False
+        )
+        self.target_intermediate_size = check_int(
+            "target_intermediate_size", self.target_intermediate_size, low=1, allow_none=True
+        )
         if self.target_intermediate_size is not None and self.ffn_pruning_ratio > 0:
             raise ValueError(
                 f"give either ffn_pruning_ratio ({self.ffn_pruning_ratio}) or target_intermediate_size "
                 f"({self.target_intermediate_size}), not both"
             )
-        _check_non_negative_int("num_heads_to_prune", self.num_heads_to_prune)
-        _check_optional_positive_int("target_num_heads", self.target_num_heads)
+        self.num_heads_to_prune = check_int("num_heads_to_prune", self.num_heads_to_prune, low=0)
+        self.target_num_heads = check_int("target_num_heads", self.target_num_heads, low=1, allow_none=True)
         if self.target_num_heads is not None and self.num_heads_to_prune > 0:
             raise ValueError(
                 f"give either num_heads_to_prune ({self.num_heads_to_prune}) or target_num_heads "
                 f"({self.target_num_heads}), not both"
             )
-        _check_non_negative_int("num_layers_to_drop", self.num_layers_to_drop)
-        if self.layers_to_drop is not None:
-            layers = list(self.layers_to_drop)
-            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
-                raise ValueError(f"layers_to_drop must be non-negative layer indices, got {self.layers_to_drop!r}")
+        self.num_layers_to_drop = check_int("num_layers_to_drop", self.num_layers_to_drop, low=0)
+        layers = check_int_list("layers_to_drop", self.layers_to_drop, low=0)
+        if layers is not None:
             if len(set(layers)) != len(layers):
                 raise ValueError(f"layers_to_drop has repeated indices: {self.layers_to_drop!r}")
             if self.num_layers_to_drop > 0:
@@ -145,17 +139,9 @@ class StructuredPruningConfig:
                     f"({self.num_layers_to_drop}), not both"
                 )
             self.layers_to_drop = sorted(layers)
-        if self.importance not in _IMPORTANCE:
-            raise ValueError(
-                f"importance must be one of {_IMPORTANCE}, got {self.importance!r}."
-                + _did_you_mean(self.importance, _IMPORTANCE)
-            )
-        if self.layer_importance not in _LAYER_IMPORTANCE:
-            raise ValueError(
-                f"layer_importance must be one of {_LAYER_IMPORTANCE}, got {self.layer_importance!r}."
-                + _did_you_mean(self.layer_importance, _LAYER_IMPORTANCE)
-            )
-        _check_optional_positive_int("num_calibration_batches", self.num_calibration_batches)
+        check_choice("importance", self.importance, _IMPORTANCE)
+        check_choice("layer_importance", self.layer_importance, _LAYER_IMPORTANCE)
+        self.num_calibration_batches = check_int("num_calibration_batches", self.num_calibration_batches, low=1)
 
     @property
     def prunes_ffn(self) -> bool:
@@ -175,16 +161,6 @@ class StructuredPruningConfig:
         return (self.importance == "activation" and uses_scores) or (
             self.num_layers_to_drop > 0 and self.layer_importance == "block_influence"
         )
-
-
-def _check_non_negative_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-
-
-def _check_optional_positive_int(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass

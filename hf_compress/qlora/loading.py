@@ -12,6 +12,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils import find_linear_modules, require_backend, unwrap_model
+from ..utils import validation as _validation
 from ..utils.tasks import normalize_task
 from .loftq import loftq_init_
 from .targets import _linear_names, find_lora_target_modules
@@ -46,6 +47,13 @@ def _check_lora_args(lora_r: int, lora_alpha: float | None, lora_dropout: float)
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout={lora_dropout!r} is invalid: it must lie in [0, 1).")
     return float(lora_alpha)
+
+
+def _lora_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The LoRA arguments among a call's `locals()`, for `utils.validation.check_lora_arguments`."""
+    names = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save")
+    names += ("gradient_checkpointing", "loftq", "lora_kwargs")
+    return {name: arguments[name] for name in names}
 
 
 def _check_task(task) -> str:
@@ -233,6 +241,9 @@ def prepare_qlora(
     >>> model.print_trainable_parameters()
     ```
     """
+    _validation.check_prepare_qlora_arguments(
+        model, task, loftq_model_path=loftq_model_path, **_lora_arguments(locals())
+    )
     require_backend("peft", "QLoRA adapters")
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
@@ -351,6 +362,18 @@ def load_qlora_model(
     """
     from transformers import AutoConfig
 
+    _validation.check_load_qlora_model_arguments(
+        model_name_or_path,
+        task,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        bnb_4bit_quant_type=bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
+        num_labels=num_labels,
+        device_map=device_map,
+        **_lora_arguments(locals()),
+    )
     task = _check_task(task)
     _check_lora_args(lora_r, lora_alpha, lora_dropout)
     if load_in_4bit and load_in_8bit:

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils import require_backend, unwrap_model
+from ..utils import validation as _validation
 from ..utils.output import check_output_dir, prepare_output_dir
 from .loading import _PEFT_TASK_TO_TASK, _auto_class, _bnb_config, _default_device_map, _dtype, _empty_model
 
@@ -149,6 +150,18 @@ def merge_qlora(
     >>> result.metrics["adapter_on_quantized_base"]["eval_perplexity"], result.metrics["merged"]["eval_perplexity"]
     ```
     """
+    _validation.check_merge_qlora_arguments(
+        model_or_adapter_path,
+        requantize=requantize,
+        base_model_name_or_path=base_model_name_or_path,
+        dequantize_base=dequantize_base,
+        dtype=dtype,
+        compute_metrics=compute_metrics,
+        data_collator=data_collator,
+        eval_batch_size=eval_batch_size,
+        overwrite=overwrite,
+        model_kwargs=model_kwargs,
+    )
     require_backend("peft", "Merging a QLoRA adapter")
     from peft import PeftModel
 

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils import find_linear_modules, unwrap_model
+from ..utils import validation as _validation
 from ..utils.modules import LINEAR_TYPES
 
 logger = logging.get_logger(__name__)
@@ -52,6 +53,7 @@ def find_lora_target_modules(
     ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
     ```
     """
+    _validation.check_find_lora_target_modules_arguments(model, target_modules, exclude_modules)
     model = unwrap_model(model)
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()

@@ -17,6 +17,16 @@ from transformers.utils import logging
 from ..utils import require_backend, unwrap_model
 from ..utils.callbacks import dispatching_trainer
 from ..utils.output import check_output_dir
+from ..utils.reliability import check_finite_weights, ensure_callback_state_slot, honour_ddp_timeout
+from ..utils.validation import (
+    check_bool,
+    check_callable,
+    check_int,
+    check_output_folder,
+    check_path,
+    check_writable_folder,
+    is_integer,
+)
 from .config import QATConfig
 from .ptq import PTQ_METHODS, build_quantization_config, check_quantizable, quantize_model
 from .qat import fake_quantized_module_names, prepare_qat_, save_qat_model, select_qat_modules
@@ -103,14 +113,14 @@ class QATCallback(TrainerCallback, ExportableState):
         self.config = QATConfig(
             scheme=scheme, group_size=group_size, target_modules=target_modules, exclude_modules=exclude_modules
         )
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+        if is_integer(start_step) and start_step < 0:
             raise ValueError(
                 f"start_step={start_step!r} must be an integer >= 0 (0 inserts fake quantization at once)."
             )
-        self.start_step = start_step
-        self.output_dir = None if output_dir is None else str(output_dir)
-        self.save_quantized = save_quantized
-        self.overwrite = overwrite
+        self.start_step = check_int("start_step", start_step, low=0)
+        self.output_dir = check_output_folder("output_dir", output_dir)
+        self.save_quantized = check_bool("save_quantized", save_quantized)
+        self.overwrite = check_bool("overwrite", overwrite)
         self._group_size_arg = group_size
         self.fake_quant_inserted_at: int | None = None
         self.fake_quantized_modules: list[str] = []
@@ -133,6 +143,8 @@ class QATCallback(TrainerCallback, ExportableState):
         }
 
     def _insert(self, model, step: int) -> None:
+        # Fake quantization of a NaN/inf weight gives NaN scales for its whole group: stop with the layer's name.
+        check_finite_weights(select_qat_modules(unwrap_model(model), self.config), "QATCallback", step)
         with torch.no_grad():
             self.fake_quantized_modules = prepare_qat_(unwrap_model(model), self.config)
         if self.fake_quant_inserted_at is None:
@@ -150,9 +162,13 @@ class QATCallback(TrainerCallback, ExportableState):
                 "quantization would never be trained. Lower start_step or train longer."
             )
         select_qat_modules(unwrap_model(model), self.config)  # scheme/group-size/target errors before any step
+        ensure_callback_state_slot(state, self)  # a resumed checkpoint without this callback must still save
+        honour_ddp_timeout(args)
         if self.save_quantized and state.is_world_process_zero:
+            target = _resolve_dir(args.output_dir, self.output_dir, "quantized")
+            check_writable_folder("QATCallback output_dir", target)  # fails now, not after the last step
             # refuses a non-empty folder now, before any step, rather than after the last one
-            check_output_dir(_resolve_dir(args.output_dir, self.output_dir, "quantized"), self.overwrite)
+            check_output_dir(target, self.overwrite)
         if state.global_step >= self.start_step:
             # start_step=0, or a resumed run already past start_step: the checkpoint holds plain Linear weights.
             self._insert(model, state.global_step)
@@ -186,6 +202,9 @@ class QATCallback(TrainerCallback, ExportableState):
             convert_qat_(model)  # every rank: plain Linear layers holding the QAT-trained weights
         if not self.save_quantized or not state.is_world_process_zero:
             return
+        check_finite_weights(
+            select_qat_modules(model, self.config), "QATCallback (saving the quantized model)", state.global_step
+        )
         target = _resolve_dir(args.output_dir, self.output_dir, "quantized")
         to_save = model
         if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
@@ -322,14 +341,15 @@ class PostTrainingQuantizationCallback(TrainerCallback):
         if unknown:
             raise ValueError(f"Unknown quantization options {unknown}; allowed: {sorted(allowed)}.")
         # Validates the method (with a did-you-mean), its backend (install hint) and the option values now.
-        build_quantization_config(method, **{k: v for k, v in quantize_kwargs.items() if k != "skip_modules"})
+        build_quantization_config(method, **quantize_kwargs)
         self.method = method
+        check_path("prefix", prefix)
         self.prefix = prefix or "ptq_" + method.replace("-", "_")
         if not self.prefix.isidentifier():
             raise ValueError(f"prefix={self.prefix!r} must be a plain name (letters, digits, underscores).")
-        self.compute_metrics = compute_metrics
-        self.evaluate = evaluate
-        self.save_full_precision = save_full_precision
+        self.compute_metrics = check_callable("compute_metrics", compute_metrics)
+        self.evaluate = check_bool("evaluate", evaluate)
+        self.save_full_precision = check_bool("save_full_precision", save_full_precision)
         self.quantize_kwargs = quantize_kwargs
         self.trainer = trainer
         self.metrics: dict[str, Any] = {}
@@ -342,7 +362,10 @@ class PostTrainingQuantizationCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # Everything that would fail after training fails now: a model quantize_model cannot take (a PEFT model on a
-        # 4-bit base, a model already quantized, not a transformers model) and missing evaluation data.
+        # 4-bit base, a model already quantized, not a transformers model), an unwritable output folder and missing
+        # evaluation data.
+        if state.is_world_process_zero:  # where on_train_end writes
+            check_writable_folder("output_dir", Path(args.output_dir) / self.prefix)
         if model is not None:
             check_quantizable(model, "model")
         if self.trainer is None:

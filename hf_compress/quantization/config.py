@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..utils.validation import check_choice, check_int, check_patterns
+from ..utils.validation import did_you_mean as _did_you_mean
 
 # Scheme name -> (weight bits, activation quantization, default group size; None means per output channel).
 QAT_SCHEMES: dict[str, tuple[int, bool, int | None]] = {
@@ -18,8 +20,7 @@ QAT_SCHEMES: dict[str, tuple[int, bool, int | None]] = {
 
 def did_you_mean(value: str, choices: Sequence[str]) -> str:
     """` Did you mean 'x'?` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    return _did_you_mean(value, choices)
 
 
 @dataclass
@@ -40,8 +41,9 @@ class QATConfig:
             (int4 grouped symmetric weights) and `"int8-weight-only"` (int8 per-channel weights, or grouped if
             `group_size` is given).
         group_size (`int`, *optional*):
-            Number of consecutive input features sharing one weight scale. Defaults to 32 for the int4 schemes and to
-            one scale per output channel for the int8 schemes. Must divide the `in_features` of every targeted layer.
+            Number of consecutive input features sharing one weight scale (>= 2). Defaults to 32 for the int4 schemes
+            and to one scale per output channel for the int8 schemes. Must divide the `in_features` of every targeted
+            layer.
         target_modules (`str` or `list[str]`, *optional*):
             PEFT-style names or regexes of the `nn.Linear` layers to quantize. Defaults to every Linear inside the
             transformer blocks (embeddings and output heads stay in full precision).
@@ -78,19 +80,14 @@ class QATConfig:
     )
 
     def __post_init__(self):
-        if self.scheme not in QAT_SCHEMES:
-            raise ValueError(
-                f"scheme={self.scheme!r} is not a known QAT scheme; allowed: {sorted(QAT_SCHEMES)}."
-                + did_you_mean(self.scheme, list(QAT_SCHEMES))
-            )
+        check_choice("scheme", self.scheme, list(QAT_SCHEMES))
         if self.group_size is None:
             self.group_size = QAT_SCHEMES[self.scheme][2]
-        elif isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
-            raise ValueError(f"group_size={self.group_size!r} must be a positive integer (or None for the default).")
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (str, list, tuple)):
-                raise ValueError(f"{name}={value!r} must be a string, a list of strings or None.")
+        else:
+            # torchao's grouped fake quantizers need at least 2 input features per scale (they assert it).
+            self.group_size = check_int("group_size", self.group_size, low=2)
+        self.target_modules = check_patterns("target_modules", self.target_modules)
+        self.exclude_modules = check_patterns("exclude_modules", self.exclude_modules)
 
     @property
     def weight_bits(self) -> int:

@@ -16,6 +16,16 @@ from ..utils import require_backend, unwrap_model
 from ..utils.model_path import resolve_model_source
 from ..utils.modules import _HEAD_NAMES
 from ..utils.output import check_output_dir, prepare_output_dir
+from ..utils.validation import (
+    InvalidArgumentTypeError,
+    check_bool,
+    check_choice,
+    check_device_map,
+    check_int,
+    check_model_class,
+    check_number,
+    check_output_folder,
+)
 from .config import did_you_mean
 
 logger = logging.get_logger(__name__)
@@ -44,17 +54,23 @@ def _as_dtype(value: str | torch.dtype, argument: str) -> torch.dtype:
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
+    if not isinstance(value, (str, torch.dtype)):
+        raise InvalidArgumentTypeError(
+            f"{argument}={value!r} is not allowed: it must be a torch dtype or one of {sorted(_DTYPES)}, got "
+            f"{type(value).__name__}."
+        )
     raise ValueError(f"{argument}={value!r} is not supported; allowed: {sorted(_DTYPES)}.")
 
 
 def check_ptq_method(method: str) -> str:
     """Validate a PTQ method name and check its backend is installed; returns the backend name."""
-    if method not in PTQ_METHODS:
+    if isinstance(method, str) and method not in PTQ_METHODS:
         raise ValueError(
             f"method={method!r} is not a known post-training quantization method; allowed: {sorted(PTQ_METHODS)} "
             "(bitsandbytes: nf4, fp4, int8; torchao: torchao-int8, torchao-int4, torchao-int4-cuda)."
             + did_you_mean(method, PTQ_METHODS)
         )
+    check_choice("method", method, sorted(PTQ_METHODS))
     backend = PTQ_METHODS[method][0]
     require_backend(backend, f"Post-training quantization with method={method!r}")
     if method == "torchao-int4-cuda" and not torch.cuda.is_available():
@@ -90,10 +106,7 @@ def build_quantization_config(
 ) -> Any:
     """The transformers `quantization_config` (`BitsAndBytesConfig` or `TorchAoConfig`) for a PTQ `method`."""
     backend = check_ptq_method(method)
-    if not llm_int8_threshold > 0:
-        raise ValueError(f"llm_int8_threshold={llm_int8_threshold!r} must be > 0 (LLM.int8 uses 6.0).")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size={group_size!r} must be a positive integer.")
+    _check_quantization_options(compute_dtype, double_quant, llm_int8_threshold, group_size, skip_modules)
     if method == "torchao-int4-cuda" and group_size not in INT4_CUDA_GROUP_SIZES:
         raise ValueError(
             f"group_size={group_size!r} is not supported by method='torchao-int4-cuda'; allowed: "
@@ -199,6 +212,49 @@ def quantize_int4_for_decoding_(
     return chosen
 
 
+def _check_quantization_options(compute_dtype, double_quant, llm_int8_threshold, group_size, skip_modules) -> None:
+    _as_dtype(compute_dtype, "compute_dtype")
+    check_bool("double_quant", double_quant)
+    check_number("llm_int8_threshold", llm_int8_threshold, low=0.0, low_inclusive=False)
+    # torchao's grouped quantization needs at least 2 input features per scale.
+    check_int("group_size", group_size, low=2)
+    if skip_modules is not None and (
+        isinstance(skip_modules, str)
+        or not isinstance(skip_modules, (list, tuple))
+        or not all(isinstance(m, str) for m in skip_modules)
+    ):
+        raise InvalidArgumentTypeError(
+            f"skip_modules={skip_modules!r} is not allowed: it must be a list of module names (e.g. ['lm_head']) "
+            "or None."
+        )
+
+
+def _check_model_or_path(model_or_path) -> None:
+    if isinstance(model_or_path, (str, os.PathLike)):
+        # a missing folder, or one holding only Trainer checkpoints, fails with a clear message (not after Hub retries)
+        resolve_model_source(model_or_path, "model_or_path")
+        return
+    check_quantizable(model_or_path)
+
+
+def check_quantize_model_arguments(
+    model_or_path, method, *, model_class, device_map, output_dir, processing_class, overwrite, **options
+) -> None:
+    """Every check of [`quantize_model`] that needs no model loading, in argument order (raises on the first)."""
+    _check_model_or_path(model_or_path)
+    check_ptq_method(method)
+    _check_quantization_options(**options)
+    check_model_class("model_class", model_class)
+    check_device_map("device_map", device_map)
+    check_output_folder("output_dir", output_dir)
+    if processing_class is not None and not callable(getattr(processing_class, "save_pretrained", None)):
+        raise InvalidArgumentTypeError(
+            f"processing_class must have save_pretrained (a tokenizer or processor), got "
+            f"{type(processing_class).__name__}."
+        )
+    check_bool("overwrite", overwrite)
+
+
 def _default_skip_modules_for_path(cls, path: str | os.PathLike) -> list[str]:
     """The output heads of the model saved at `path`, found on an empty (meta-device) instance of `cls`, so a
     checkpoint folder keeps the same layers in full precision as the in-memory model would."""
@@ -292,12 +348,21 @@ def quantize_model(
     >>> qmodel = quantize_model("out/checkpoint-500", "nf4", output_dir="out/nf4")  # doctest: +SKIP
     ```
     """
-    build_quantization_config(method, llm_int8_threshold=llm_int8_threshold, group_size=group_size)  # validates
-    if isinstance(model_or_path, (str, os.PathLike)):
-        # a missing folder, or one holding only checkpoints, fails here with a clear message (not after Hub retries)
-        model_or_path = resolve_model_source(model_or_path, "model_or_path")
-    else:
-        check_quantizable(model_or_path)
+    check_quantize_model_arguments(
+        model_or_path,
+        method,
+        model_class=model_class,
+        device_map=device_map,
+        output_dir=output_dir,
+        processing_class=processing_class,
+        overwrite=overwrite,
+        compute_dtype=compute_dtype,
+        double_quant=double_quant,
+        llm_int8_threshold=llm_int8_threshold,
+        group_size=group_size,
+        skip_modules=skip_modules,
+    )
+    build_quantization_config(method, llm_int8_threshold=llm_int8_threshold, group_size=group_size)  # backend
     if output_dir is not None:
         output_dir = check_output_dir(output_dir, overwrite)
 

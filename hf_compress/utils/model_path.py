@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import UnavailableError
+from ..errors import ModelNotFoundError, UnavailableError
 
 # `name` or `org/name` as the Hub spells repository ids (letters, digits, -, _, .; at most 96 characters each).
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -35,23 +35,23 @@ def check_saved_model_folder(folder: str | os.PathLike, argument: str = "model")
     """`folder` if it holds a saved model (`config.json`, or a PEFT adapter's `adapter_config.json`).
 
     Raises:
-        `FileNotFoundError`: naming the folder and, when it holds only Trainer checkpoints, saying how to save the
+        [`ModelNotFoundError`] (a `FileNotFoundError` and a `ValueError`): naming the folder and, when it holds only Trainer checkpoints, saying how to save the
             model (`trainer.save_model()`) or which checkpoint to use instead.
     """
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"{argument}: no folder at {str(folder)!r}.")
+        raise ModelNotFoundError(f"{argument}: no folder at {str(folder)!r}.")
     if any((folder / name).is_file() for name in MODEL_FILES):
         return folder
     checkpoints = checkpoint_folders(folder)
     if checkpoints:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{argument}: {str(folder)!r} holds Trainer checkpoints ({', '.join(Path(c).name for c in checkpoints)}) "
             "but no saved model: trainer.train() writes checkpoints only. Call trainer.save_model() after "
             f"trainer.train() (it writes the model to args.output_dir), or pass a checkpoint folder such as "
             f"{checkpoints[-1]!r}."
         )
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{argument}: {str(folder)!r} holds no saved model (no config.json): save one there with "
         "model.save_pretrained(folder) or trainer.save_model(folder)."
     )
@@ -68,7 +68,7 @@ def resolve_model_source(
     fails now with a clear message instead of after the Hub client's retries.
 
     Raises:
-        `FileNotFoundError`: a local folder that does not exist or holds no saved model (see
+        [`ModelNotFoundError`] (a `FileNotFoundError` and a `ValueError`): a local folder that does not exist or holds no saved model (see
             [`check_saved_model_folder`]).
         [`UnavailableError`]: not a local folder and the Hub cannot be reached or has no such model.
     """
@@ -80,9 +80,9 @@ def resolve_model_source(
     if path.is_dir():
         return str(check_saved_model_folder(path, argument))
     if path.exists():
-        raise FileNotFoundError(f"{argument}={text!r}: {str(path)!r} is a file, not a saved model folder.")
+        raise ModelNotFoundError(f"{argument}={text!r}: {str(path)!r} is a file, not a saved model folder.")
     if not looks_like_hub_id(text):
-        raise FileNotFoundError(f"{argument}={text!r}: no model folder at {str(path)!r}{where}.")
+        raise ModelNotFoundError(f"{argument}={text!r}: no model folder at {str(path)!r}{where}.")
     _check_hub_model(text, argument, f"no local folder at {str(path)!r}{where}")
     return text
 

@@ -71,7 +71,8 @@ def normalize_task(
         extra (`Iterable[str]`, *optional*): other values the caller accepts as they are (e.g. `"auto"`).
 
     Raises:
-        `ValueError` naming the argument, the value and the allowed tasks (with a "did you mean").
+        `ValueError` naming the argument, the value and the allowed tasks (with a "did you mean"); a value that is
+        not a string is an `InvalidArgumentTypeError` (a `TypeError` that is also a `ValueError`).
 
     >>> normalize_task("text-classification")
     'sequence-classification'
@@ -81,6 +82,13 @@ def normalize_task(
     extra = tuple(extra)
     allowed = tuple(allowed) if allowed is not None else tuple(TASK_SPELLINGS)
     value = task.value if isinstance(task, enum.Enum) else task
+    if not isinstance(value, str):
+        from .validation import InvalidArgumentTypeError
+
+        raise InvalidArgumentTypeError(
+            f"{argument}={task!r} is not allowed: it must be a task name (a string, or PEFT's TaskType), got "
+            f"{type(task).__name__}."
+        )
     if isinstance(value, str):
         if _key(value) in {_key(e) for e in extra}:
             return next(e for e in extra if _key(e) == _key(value))
