@@ -12,7 +12,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils.modules import find_linear_modules, is_conv1d, unwrap_model
-from .config import _did_you_mean
+from ..utils.validation import did_you_mean as _did_you_mean
 from .report import nm_compliant
 from .scoring import weight_as_out_in
 
