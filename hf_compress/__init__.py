@@ -7,6 +7,7 @@ torchao) are only imported by the features that need them.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from ._quiet import install_backend_warning_filters
@@ -30,6 +31,8 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
         "reverse_kl_loss",
     ],
     "distillation.student": ["create_student"],
+    "distillation.cache": ["CachedTeacherLogits", "cache_teacher_logits"],
+    "distillation.sparse_losses": ["sparse_distillation_loss", "sparse_forward_kl_and_cross_entropy"],
     "pruning.config": ["PruningConfig"],
     "pruning.unstructured": ["make_pruning_permanent_", "prune_"],
     "pruning.callback": ["PruningCallback"],
@@ -47,13 +50,21 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
     "quantization.qat": ["convert_qat_", "prepare_qat_", "save_qat_model"],
     "quantization.callback": ["PostTrainingQuantizationCallback", "QATCallback"],
     "quantization.ptq": ["quantize_int4_for_decoding_", "quantize_model"],
+    "quantization.packed": ["quantize_packed_"],
     "inference": ["CUDAGraphRunner", "StaticCacheDecoder", "capture_cuda_graphs_", "decode_tokens_per_second"],
     "qlora": ["find_lora_target_modules", "load_qlora_model", "merge_qlora", "prepare_qlora"],
     "metrics": ["classification_metrics", "compute_perplexity", "make_compute_metrics"],
     "reporting": ["CompressionReport", "CompressionReportCallback", "compression_report"],
     "recipes": ["Recipe", "load_recipe", "run_recipe"],
     "errors": ["RecipeError", "UnavailableError"],
-    "utils.loading": ["smollm2_folder", "strip_gguf_quantization_"],
+    "utils.loading": [
+        "find_packaged_gguf",
+        "gguf_to_folder",
+        "load_pretrained",
+        "load_tokenizer",
+        "smollm2_folder",
+        "strip_gguf_quantization_",
+    ],
     "utils.checkpoints": ["CorruptCheckpointError", "is_complete_checkpoint", "last_complete_checkpoint"],
     "utils.reliability": ["NonFiniteError"],
     "utils.shutdown": ["GracefulShutdownCallback"],
@@ -79,6 +90,50 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module_name}", __name__), name)
     globals()[name] = value
     return value
+
+
+class _RegisterPackedFormat:
+    """Registers hf_compress' packed int4 format with transformers' quantizer registry right after
+    `transformers.modeling_utils` is imported, so `import hf_compress` stays light and a stock `from_pretrained`
+    loads packed exports (see utils/packed_int4.py)."""
+
+    target = "transformers.modeling_utils"
+
+    @staticmethod
+    def register() -> None:
+        try:
+            importlib.import_module(".utils.packed_int4", __name__).register()
+        except ImportError:  # pragma: no cover - transformers without quantizers
+            pass
+
+    def find_spec(self, name, path=None, target=None):
+        if name != self.target:
+            return None
+        import sys
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_and_register(module):
+                exec_module(module)
+                self.register()
+
+            spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def _install_packed_format_hook() -> None:
+    import sys
+
+    if _RegisterPackedFormat.target in sys.modules:
+        _RegisterPackedFormat.register()
+    elif not any(isinstance(f, _RegisterPackedFormat) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterPackedFormat())
+
+
+_install_packed_format_hook()
 
 
 def __dir__() -> list[str]:

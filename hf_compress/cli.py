@@ -43,6 +43,8 @@ def _recipe_epilog() -> str:
         "  dataset: {name: phishing} (embedded, default) | {path: file.csv} | {hub: name}, plus text_column, "
         "label_column, max_length, max_examples, seed, train_split, eval_split",
         "  teacher, tokenizer: optional folders or hub names; overwrite: true|false",
+        "  task: classification (default) | causal-lm (perplexity; dataset: {text_dir: folder with train.txt and "
+        "test.txt, block_size, max_train_tokens, max_eval_tokens, calibration_batches}); model may be a .gguf file",
         "  report: batch_size, max_eval_batches, latency_batches, warmup (compression_report settings); "
         "include_input: false leaves the input model out of the table",
         f"  stages: a list; each has 'type' (one of {', '.join(STAGE_TYPES)}), an optional 'name' (its folder "
@@ -124,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure saved models side by side; the first is the reference of the ratio columns.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    report.add_argument("models", nargs="+", help="Saved model folders (from save_pretrained).")
+    report.add_argument(
+        "models", nargs="+", help="Saved model folders (from save_pretrained) or GGUF files (loaded dequantized)."
+    )
     report.add_argument("--names", nargs="+", default=None, help="Row names (default: the folder names).")
     report.add_argument(
         "--dataset",
@@ -157,9 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _report_command(ns: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
     from .reporting import compression_report
+    from .utils.loading import load_tokenizer
     from .utils.model_path import check_saved_model_folder
 
     names = ns.names or [str(p).rstrip("/").split("/")[-1] for p in ns.models]
@@ -173,7 +176,7 @@ def _report_command(ns: argparse.Namespace) -> int:
 
         data = load_phishing_dataset(None if ns.dataset == "phishing" else ns.dataset)
         eval_dataset = data[ns.split]
-        tokenizer = AutoTokenizer.from_pretrained(ns.models[0])
+        tokenizer = load_tokenizer(ns.models[0])  # a `.gguf` file carries its tokenizer
         max_length = ns.max_length or min(tokenizer.model_max_length, 512)
     report = compression_report(
         dict(zip(names, ns.models)),

@@ -27,22 +27,29 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def _launch(tmp_path: Path, *extra: str, deepspeed: bool = False) -> dict:
+def _launch(tmp_path: Path, *extra: str, mode: str = "ddp") -> dict:
+    """Run the example on 2 CPU processes: `mode` is "ddp" (MULTI_CPU), "fsdp2" (accelerate's FSDP2 path through
+    tests/scripts/fsdp2_cpu.py) or "deepspeed" (ZeRO-3 on DeepSpeed's CPU accelerator)."""
     python_path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
     env.pop("OUT", None)
     results = tmp_path / "results.json"
-    if deepspeed:  # DeepSpeed's CPU accelerator with gloo: ZeRO-3 runs on CPU
+    script = [str(SCRIPT)]
+    if mode == "deepspeed":  # DeepSpeed's CPU accelerator with gloo: ZeRO-3 runs on CPU
         env["DS_ACCELERATOR"] = "cpu"
-        mode = ["--config_file", str(ROOT / "examples" / "accelerate" / "deepspeed_zero3.yaml")]
+        launch = ["--config_file", str(ROOT / "examples" / "accelerate" / "deepspeed_zero3.yaml")]
+    elif mode == "fsdp2":
+        env["ACCELERATE_USE_CPU"] = "1"
+        launch = ["--config_file", str(ROOT / "examples" / "accelerate" / "fsdp2.yaml")]
+        script = [str(ROOT / "tests" / "scripts" / "fsdp2_cpu.py"), str(SCRIPT)]
     else:
         env["ACCELERATE_USE_CPU"] = "1"
-        mode = ["--multi_gpu", "--num_processes", "2"]
+        launch = ["--multi_gpu", "--num_processes", "2"]
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
-        *mode,
+        *launch,
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -51,7 +58,7 @@ def _launch(tmp_path: Path, *extra: str, deepspeed: bool = False) -> dict:
         "no",
         "--main_process_port",
         _free_port(),
-        str(SCRIPT),
+        *script,
         "--tiny",
         "--output_dir",
         str(tmp_path / "out"),
@@ -59,7 +66,7 @@ def _launch(tmp_path: Path, *extra: str, deepspeed: bool = False) -> dict:
         str(results),
         *extra,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])
     return json.loads(results.read_text())
 
@@ -69,45 +76,71 @@ requires_deepspeed = pytest.mark.skipif(
 )
 
 
-@pytest.mark.multiprocess
-@requires_deepspeed
-def test_zero3_teacher_partitioned_and_checkpoint_reloads(tmp_path):
-    """DeepSpeed ZeRO-3 on 2 CPU processes: the teacher is a ZeRO-3 engine holding half its parameters per rank,
-    distillation trains, and the gathered 16-bit checkpoint reloads on one process with the trained logits."""
-    r = _launch(tmp_path, "--no_pruning", "--no_qat", deepspeed=True)
-    assert r["world_size"] == 2 and r["distributed_type"] == "DEEPSPEED"
+def _check_sharded(r: dict, distributed_type: str, teacher_type: str) -> None:
+    """The combined run (distillation + gradual pruning + QAT inserted half way) under FSDP2 or ZeRO-3: every check
+    of the example held, the teacher is sharded, the masks (sharded like the weights) held at every step."""
+    assert r["world_size"] == 2 and r["distributed_type"] == distributed_type
     assert r["failures"] == [] and r["loss_last"] < r["loss_first"]
     for m in r["teacher_memory"]:
-        assert m["teacher_type"] == "DeepSpeedEngine"
+        assert m["teacher_type"] == teacher_type
         assert m["teacher_local_param_bytes"] < 0.6 * m["teacher_full_param_bytes"]
     assert (
         sum(m["teacher_local_param_bytes"] for m in r["teacher_memory"])
         >= r["teacher_memory"][0]["teacher_full_param_bytes"]
     )
-    assert r["reload"]["equal"]
+    assert len(r["mask_checks"]) == r["global_step"] == r["max_steps"]
+    for record in r["mask_checks"]:
+        assert record["masks_identical"] and record["weights_identical"], record
+        assert record["violations"] == [0, 0] and record["master_violations"] == [0, 0], record
+    assert r["mask_checks"][-1]["sparsity"] == [pytest.approx(0.5, abs=1e-3)] * 2
+    assert r["reload"]["equal"] and r["reload"]["max_abs_logit_diff"] <= 1e-4
+    assert r["reload"]["target_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # fake quantization inserted after sharding, removed at the end, and the quantized model reloads
+    assert r["qat_inserted_at"] == r["max_steps"] // 2 and r["qat_layers"] > 0
+    assert r["fake_quantized_layers_left_after_train"] == 0
+    q = r["quantized_reload"]
+    assert q is not None and q["finite"] and q["argmax_agreement"] > 0.5
+
+
+@pytest.mark.multiprocess
+@requires_deepspeed
+def test_zero3_distill_prune_wanda_qat(tmp_path):
+    """DeepSpeed ZeRO-3 on 2 CPU processes, every part at once: the teacher is a ZeRO-3 engine holding half its
+    parameters per rank; Wanda pruning gathers each weight, keeps masks as ZeRO-3 partitions and zeroes the 16-bit
+    and fp32 master partitions; QAT is inserted at step 4 on the partitioned student; the gathered checkpoint and
+    the quantized model reload on one process."""
+    r = _launch(tmp_path, "--method", "wanda", mode="deepspeed")
+    _check_sharded(r, "DEEPSPEED", "DeepSpeedEngine")
+    assert r["mask_checks"][0]["sparsity"][0] < r["mask_checks"][-1]["sparsity"][0]  # gradual schedule
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @requires_deepspeed
-@pytest.mark.xfail(
-    strict=True,
-    reason="PruningCallback under ZeRO-3 scores the partitioned (empty) weights: ZeroDivisionError in _set_masks",
-)
-def test_zero3_pruning_callback(tmp_path):
-    assert _launch(tmp_path, "--no_qat", deepspeed=True)["failures"] == []
+def test_zero3_lora_student_2_4(tmp_path):
+    """ZeRO-3 with a LoRA student on a 2:4-pruned base: masks held, adapter + base reload, merged model quantized."""
+    r = _launch(tmp_path, "--peft", "--pattern", "2:4", mode="deepspeed")
+    _check_sharded(r, "DEEPSPEED", "DeepSpeedEngine")
+    assert r["peft"] and r["reload"]["class"] == "LlamaForCausalLM" and r["reload"]["n_m_compliant"] is True
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_distill_prune_qat(tmp_path):
+    """accelerate's FSDP2 path on 2 CPU processes (tests/scripts/fsdp2_cpu.py): student and teacher sharded with
+    `fsdp2_prepare_model`, masks kept as DTensors, QAT inserted after sharding, full checkpoint and quantized model
+    reload."""
+    r = _launch(tmp_path, mode="fsdp2")
+    _check_sharded(r, "FSDP2", "FSDPLlamaForCausalLM")
+    assert r["mask_checks"][0]["sparsity"][0] < r["mask_checks"][-1]["sparsity"][0]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
-@requires_deepspeed
-@pytest.mark.xfail(
-    strict=True,
-    reason="QATCallback under ZeRO-3 inserts FakeQuantizedLinear modules DeepSpeed never hooked: the next forward "
-    "fails with \"'dict' object has no attribute '_in_forward'\"",
-)
-def test_zero3_qat_callback(tmp_path):
-    assert _launch(tmp_path, "--no_pruning", deepspeed=True)["failures"] == []
+def test_fsdp2_lora_student_wanda_2_4(tmp_path):
+    """FSDP2 with a LoRA student on a base pruned 2:4 with Wanda (calibration forward through the sharded model)."""
+    r = _launch(tmp_path, "--peft", "--pattern", "2:4", "--method", "wanda", mode="fsdp2")
+    _check_sharded(r, "FSDP2", "FSDPLlamaForCausalLM")
+    assert r["peft"] and r["reload"]["class"] == "LlamaForCausalLM" and r["reload"]["n_m_compliant"] is True
 
 
 def _check_common(r: dict) -> None:
@@ -242,9 +275,41 @@ def _fsdp2_worker(out_dir: str) -> None:  # runs under torchrun, 2 processes
                 prepare_qat_(model, qat_config)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            return {"loss": float(loss)}
+            grad = model.model.layers[0].self_attn.q_proj.weight.grad
+            return {"loss": float(loss), "grad_norm": float(grad.full_tensor().norm())}
 
         return fn
+
+    def qat_convert():  # fake quantization in and out of a sharded model: the plain model's logits come back
+        from hf_compress.quantization.qat import convert_qat_, fake_quantized_module_names
+
+        model = sharded()
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+        prepare_qat_(model, qat_config)
+        with torch.no_grad():
+            fake = model(input_ids=ids).logits
+        inserted = len(fake_quantized_module_names(model))
+        convert_qat_(model)
+        with torch.no_grad():
+            back = model(input_ids=ids).logits
+        return {
+            "inserted": inserted,
+            "left": len(fake_quantized_module_names(model)),
+            "fake_changed_logits": float((fake - plain).abs().max()),
+            "converted_diff": float((back - plain).abs().max()),
+        }
+
+    def prune_wanda():  # Wanda scores on DTensor weights (calibration forward through the sharded model)
+        config = PruningConfig(sparsity=0.5, method="wanda", num_calibration_batches=2)
+        calibration = [{"input_ids": ids}, {"input_ids": ids.flip(0)}]
+        reference = compute_masks(tiny_llama(hidden=64, seed=0), config, calibration_data=calibration)
+        model = sharded()
+        masks = compute_masks(model, config, calibration_data=calibration)
+        return {
+            "equal_to_unsharded": all(torch.equal(masks[n].full_tensor(), reference[n]) for n in reference),
+            "dtensor_masks": all(hasattr(m, "full_tensor") for m in masks.values()),
+        }
 
     results = {
         "prune_unstructured": attempt(prune("unstructured")),
@@ -253,6 +318,8 @@ def _fsdp2_worker(out_dir: str) -> None:  # runs under torchrun, 2 processes
         "prune_callback": attempt(callback),
         "qat_after_sharding": attempt(qat(False)),
         "qat_before_sharding": attempt(qat(True)),
+        "qat_convert_after_sharding": attempt(qat_convert),
+        "prune_wanda": attempt(prune_wanda),
     }
     Path(out_dir, f"fsdp2_rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -312,14 +379,33 @@ def test_fsdp2_pruning_callback_hooks_and_full_checkpoint_masks(fsdp2_results):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.xfail(
-    strict=True,
-    reason="prepare_qat_ after fully_shard swaps Linear modules FSDP2 no longer unshards: forward fails with "
-    "'aten.mm.default got mixed torch.Tensor and DTensor' (QATCallback inserts after the Trainer shards the model)",
-)
 def test_fsdp2_qat_inserted_after_sharding(fsdp2_results):
+    """prepare_qat_ on a model FSDP2 already sharded (what QATCallback does at start_step): the Linear modules are
+    fake-quantized in place, so FSDP2 still unshards their weights; loss and gradients equal those of fake
+    quantization inserted before sharding."""
     for rank in fsdp2_results:
-        assert rank["qat_after_sharding"]["ok"], rank["qat_after_sharding"]
+        after, before = rank["qat_after_sharding"], rank["qat_before_sharding"]
+        assert after["ok"], after
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-6)
+        assert after["grad_norm"] == pytest.approx(before["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_qat_convert_after_sharding(fsdp2_results):
+    for rank in fsdp2_results:
+        result = rank["qat_convert_after_sharding"]
+        assert result["ok"], result
+        assert result["inserted"] == 14 and result["left"] == 0
+        assert result["fake_changed_logits"] > 0  # fake quantization was active in the sharded forward
+        assert result["converted_diff"] == 0.0  # and removing it gives the plain model back exactly
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_wanda_masks_match_unsharded(fsdp2_results):
+    for rank in fsdp2_results:
+        result = rank["prune_wanda"]
+        assert result["ok"], result
+        assert result["equal_to_unsharded"] and result["dtensor_masks"]
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "fsdp2":

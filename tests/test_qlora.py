@@ -140,6 +140,31 @@ def test_load_qlora_causal_lm_structure(trained_llama):
     assert base.config.use_cache is False
 
 
+def test_load_qlora_from_config_and_state_dict_matches_folder(llama_dir):
+    """A config with in-memory weights (nothing on disk, quantized as loaded) gives the model the folder gives."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(llama_dir)
+    state_dict = load_file(str(llama_dir / "model.safetensors"))
+    from_folder = load_qlora_model(llama_dir, lora_r=8, lora_dropout=0.0)
+    from_memory = load_qlora_model(config, lora_r=8, lora_dropout=0.0, state_dict=state_dict)
+    assert isinstance(from_memory, PeftModel) and getattr(from_memory.get_base_model(), "is_loaded_in_4bit", False)
+    assert _quantized_state(from_memory).keys() == _quantized_state(from_folder).keys()
+    for name, value in _quantized_state(from_memory).items():
+        assert torch.equal(value, _quantized_state(from_folder)[name]), name
+    ids = torch.arange(12).view(1, 12) % 90 + 1
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert torch.equal(from_memory(input_ids=ids).logits, from_folder(input_ids=ids).logits)
+    sixteen = load_qlora_model(config, load_in_4bit=False, lora_r=8, state_dict=state_dict)
+    weight = sixteen.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, state_dict["model.layers.0.self_attn.q_proj.weight"].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="state_dict"):
+        load_qlora_model(config, lora_r=8)
+
+
 def test_qlora_training_lowers_loss_and_keeps_base_frozen(trained_llama):
     model, before_state, head_before, loss_before, loss_after = trained_llama
     assert loss_after < 0.95 * loss_before

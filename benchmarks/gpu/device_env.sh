@@ -14,17 +14,31 @@ if [ ! -f /tmp/site/.installed ] && compgen -G ".whl/*.whl" > /dev/null; then
     && touch /tmp/site/.installed
 fi
 export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# Carried paths do not stay on the machine between calls (only what a command writes elsewhere does): keep the
+# data and the GGUF parts under /tmp, and point .gpudata/wikitext2 there.
+mkdir -p /tmp/gpudata/wikitext2 /tmp/gg
 for gz in .gpudata/wikitext2/*.txt.gz; do
-  [ -f "$gz" ] && [ ! -f "${gz%.gz}" ] && gunzip -k "$gz"
+  [ -f "$gz" ] && gunzip -c "$gz" > "/tmp/gpudata/wikitext2/$(basename "${gz%.gz}")"
+done
+[ -f .gpudata/gguf.sha256 ] && cp .gpudata/gguf.sha256 /tmp/gg/
+if [ ! -d .gpudata/wikitext2 ] || [ -L .gpudata/wikitext2 ]; then
+  mkdir -p .gpudata && ln -sfn /tmp/gpudata/wikitext2 .gpudata/wikitext2
+elif [ ! -f .gpudata/wikitext2/train.txt ]; then
+  cp /tmp/gpudata/wikitext2/*.txt .gpudata/wikitext2/ 2>/dev/null
+fi
+for part in a b c; do
+  [ -f ".gg_$part/part" ] && cp ".gg_$part/part" "/tmp/gg/$part"
 done
 GGUF=/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$GGUF" ] && [ -f .gg_a/part ] && [ -f .gg_b/part ] && [ -f .gg_c/part ]; then
-  mkdir -p /tmp/smollm2 && cat .gg_a/part .gg_b/part .gg_c/part > "$GGUF"
-  if [ -f .gpudata/gguf.sha256 ] && [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" != "$(cut -d' ' -f1 .gpudata/gguf.sha256)" ]; then
+if [ ! -f "$GGUF" ] && [ -f /tmp/gg/a ] && [ -f /tmp/gg/b ] && [ -f /tmp/gg/c ]; then
+  mkdir -p /tmp/smollm2 && cat /tmp/gg/a /tmp/gg/b /tmp/gg/c > "$GGUF"
+  if [ -f /tmp/gg/gguf.sha256 ] && [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" != "$(cut -d' ' -f1 /tmp/gg/gguf.sha256)" ]; then
     echo "device_env: joined GGUF has the wrong sha256; removing it" >&2
     rm -f "$GGUF"
   fi
 fi
-[ -f "$GGUF" ] && export HF_COMPRESS_SMOLLM2_GGUF=$GGUF HF_COMPRESS_CACHE=/tmp/hf_compress_cache
+[ -f "$GGUF" ] && export HF_COMPRESS_SMOLLM2_GGUF=$GGUF
+export HF_COMPRESS_CACHE=/tmp/hf_compress_cache
+echo "device_env: wheels $( [ -f /tmp/site/.installed ] && echo installed || echo MISSING ), wikitext2 $(ls /tmp/gpudata/wikitext2 | tr '\n' ' '), gguf parts $(ls /tmp/gg | tr '\n' ' '), smollm2 ${HF_COMPRESS_SMOLLM2_GGUF:-not yet}"
 export OUT=${OUT:-benchmarks/gpu/results}
 mkdir -p "$OUT"

@@ -38,7 +38,6 @@ On 2 GPUs (keep NVLink multicast off, see README.md):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import zlib
@@ -56,6 +55,7 @@ from hf_compress import (
     prune_,
     sparsity_report,
 )
+from hf_compress.utils.sharding import single_process_loading
 from hf_compress.utils.threads import configure_threads
 
 # Sizes built from a config when no --model / --teacher is given.
@@ -65,6 +65,12 @@ SIZES = {
         "vocab": 32000,
         "student": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=12, intermediate_size=2048),
         "teacher": dict(hidden_size=1536, num_hidden_layers=16, num_attention_heads=12, intermediate_size=4096),
+    },
+    # student ~19M, teacher ~50M: the GPU correctness matrix (run_2gpu.sh), where import and setup dominate
+    "small": {
+        "vocab": 32000,
+        "student": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=704),
+        "teacher": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1408),
     },
     "tiny": {
         "vocab": 96,
@@ -93,14 +99,20 @@ def full_tensor(param: torch.Tensor) -> torch.Tensor:
 
     Collective under FSDP2 / ZeRO-3: every rank must call it for the same parameters in the same order.
     """
-    if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 partitioned parameter
-        import deepspeed
+    from hf_compress.utils.sharding import full_tensor as gather_whole
 
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.detach().clone()
-    if hasattr(param, "full_tensor"):  # torch.distributed.tensor.DTensor
-        return param.full_tensor().detach()
-    return param.detach()
+    return gather_whole(param).detach()
+
+
+def zero3_master_violations(param: torch.Tensor, local_mask: torch.Tensor) -> int:
+    """Under ZeRO-3, pruned positions whose fp32 master weight (this rank's optimizer partition) is not zero: the
+    optimizer steps from these, so a pruned weight kept alive there would come back. 0 for other parameters."""
+    if not hasattr(param, "ds_id") or getattr(param, "_z3_optimizer", None) is None or not param.requires_grad:
+        return 0
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    master = safe_get_local_fp32_param(param)
+    return int((master[~local_mask.to(master.device)] != 0).sum())
 
 
 def local_param_bytes(module: torch.nn.Module) -> tuple[int, int]:
@@ -120,12 +132,14 @@ def local_param_bytes(module: torch.nn.Module) -> tuple[int, int]:
     return local, full
 
 
-def build_model(size: str, role: str, vocab: int, seed: int) -> LlamaForCausalLM:
+def build_model(size: str, role: str, vocab: int, seed: int, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """A Llama with random weights, initialised directly on `device` (on a GPU: no slow CPU initialisation)."""
     torch.manual_seed(seed)
     spec = dict(SIZES[size][role])
     spec.setdefault("num_key_value_heads", spec["num_attention_heads"] // 2 or 1)
     config = LlamaConfig(vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=False, **spec)
-    return LlamaForCausalLM(config)
+    with torch.device(device):
+        return LlamaForCausalLM(config)
 
 
 class RunDataset(torch.utils.data.Dataset):
@@ -142,26 +156,6 @@ class RunDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ids = (torch.arange(self.seq_len) + self.starts[i]) % self.vocab
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-@contextlib.contextmanager
-def single_process_loading():
-    """Load with plain `from_pretrained` on one rank even in a ZeRO-3 run.
-
-    The Trainer registers its DeepSpeed config globally; while it is set, `from_pretrained` builds models under
-    `deepspeed.zero.Init`, a collective that hangs when only rank 0 loads. Unset it for the load, then restore it.
-    """
-    try:
-        from transformers.integrations import deepspeed as hf_deepspeed
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def mask_checksum(masks: dict[str, torch.Tensor]) -> int:
@@ -186,23 +180,27 @@ class MaskConsistencyCallback(TrainerCallback):
 
     def _check(self, model, step: int) -> None:
         from hf_compress.utils import unwrap_model
+        from hf_compress.utils.sharding import unshard_like
 
         masks = self.pruning.masks
         base = unwrap_model(model)  # mask names are relative to it (a PeftModel keeps its `base_model.model.` prefix)
-        violations, weight_crc = 0, 0
+        violations, weight_crc, whole_masks, master_violations = 0, 0, {}, 0
         for name in sorted(masks):
-            # The live module (QAT may have swapped it for a FakeQuantizedLinear sharing the same weight).
+            # The live module (QAT fake quantization keeps the same module object and weight).
             module = base.get_submodule(name) if name else base
             weight = getattr(module, "base_layer", module).weight
+            # The mask is laid out like the weight (DTensor shard / ZeRO-3 partition): both are gathered whole.
+            mask = whole_masks[name] = unshard_like(masks[name], weight).cpu()
             weight = full_tensor(weight).float().cpu()
-            mask = masks[name].cpu()
             violations += int((weight[~mask] != 0).sum())
             weight_crc = zlib.crc32(weight.numpy().tobytes(), weight_crc)
+            master_violations += zero3_master_violations(getattr(module, "base_layer", module).weight, masks[name])
         local = {
             "rank": int(os.environ.get("RANK", 0)),
-            "mask_crc": mask_checksum(masks),
+            "mask_crc": mask_checksum(whole_masks),
             "sparsity": round(self.pruning.sparsity, 6),
             "violations": violations,
+            "master_violations": master_violations,
             "weight_crc": weight_crc,
         }
         ranks = gather(local)
@@ -211,10 +209,11 @@ class MaskConsistencyCallback(TrainerCallback):
             "masks_identical": len({r["mask_crc"] for r in ranks}) == 1,
             "weights_identical": len({r["weight_crc"] for r in ranks}) == 1,
             "violations": [r["violations"] for r in ranks],
+            "master_violations": [r["master_violations"] for r in ranks],
             "sparsity": [r["sparsity"] for r in ranks],
         }
         self.records.append(record)
-        if not record["masks_identical"] or any(record["violations"]):
+        if not record["masks_identical"] or any(record["violations"]) or any(record["master_violations"]):
             raise RuntimeError(f"pruning masks do not hold at step {step}: {ranks}")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -228,6 +227,14 @@ def parse_args(argv=None):
     p.add_argument("--teacher", help="local folder of the teacher (default: built from a Llama config)")
     p.add_argument("--tiny", action="store_true", help="tiny models and few steps (CPU tests)")
     p.add_argument("--offline", action="store_true", help="alias of --tiny")
+    p.add_argument("--size", choices=sorted(SIZES), default=None, help="model sizes (default: 'default', or 'tiny')")
+    p.add_argument(
+        "--data_vocab",
+        type=int,
+        default=1024,
+        help="the token runs use the first N ids of the vocabulary (default 1024): a loss that visibly falls in a few "
+        "dozen steps even with a 32k vocabulary",
+    )
     p.add_argument("--peft", action="store_true", help="LoRA student on a base pruned once before training")
     p.add_argument("--output_dir", default="out/distill_prune_qat")
     p.add_argument("--max_steps", type=int, default=None, help="default: 8 with --tiny, 60 otherwise")
@@ -237,10 +244,13 @@ def parse_args(argv=None):
         "--learning_rate",
         type=float,
         default=None,
-        help="default 1e-2 (tiny; 3e-2 with --peft) / 3e-4 (1e-3 with --peft)",
+        help="default 1e-2 (tiny; 3e-2 with --peft) / 3e-4 (3e-3 with --peft)",
     )
     p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (ignored with --pattern N:M)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured' or 'N:M' such as '2:4'")
+    p.add_argument(
+        "--method", default="magnitude", help="pruning scores: 'magnitude' or 'wanda' (4 calibration batches)"
+    )
     p.add_argument("--no_qat", action="store_true", help="leave QATCallback out (to isolate a failure)")
     p.add_argument("--no_pruning", action="store_true", help="leave PruningCallback out (to isolate a failure)")
     p.add_argument("--qat_scheme", default="int8-dynamic-activation-int4-weight")
@@ -262,7 +272,7 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (4 if tiny else 8)
     args.seq_len = args.seq_len or (16 if tiny else 256)
     args.learning_rate = args.learning_rate or (
-        (3e-2 if args.peft else 1e-2) if tiny else (1e-3 if args.peft else 3e-4)
+        (3e-2 if args.peft else 1e-2) if tiny else (3e-3 if args.peft else 3e-4)
     )
     if args.qat_start_step is None:
         args.qat_start_step = args.max_steps // 2
@@ -270,21 +280,22 @@ def parse_args(argv=None):
 
 
 def load_models(args, device_is_cuda: bool):
-    size = "tiny" if args.tiny else "default"
+    size = args.size or ("tiny" if args.tiny else "default")
     if args.teacher_dtype == "auto":
         teacher_dtype = torch.bfloat16 if device_is_cuda else torch.float32
     else:
         teacher_dtype = getattr(torch, args.teacher_dtype)
     vocab = SIZES[size]["vocab"]
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_is_cuda else "cpu"
     if args.model:
         student = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         vocab = student.config.vocab_size
     else:
-        student = build_model(size, "student", vocab, seed=args.seed + 1)
+        student = build_model(size, "student", vocab, seed=args.seed + 1, device=device)
     if args.teacher:
         teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=teacher_dtype)
     else:
-        teacher = build_model(size, "teacher", vocab, seed=args.seed + 2).to(teacher_dtype)
+        teacher = build_model(size, "teacher", vocab, seed=args.seed + 2, device=device).to(teacher_dtype)
     return student, teacher, vocab
 
 
@@ -294,16 +305,26 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     out = Path(args.output_dir)
     student, teacher, vocab = load_models(args, cuda)
+    data_vocab = min(vocab, args.data_vocab)
     teacher_full_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
 
     prune_config = PruningConfig(
         sparsity=None if args.pattern != "unstructured" else args.sparsity,
         pattern=args.pattern,
+        method=args.method,
+        num_calibration_batches=4,
         schedule="oneshot" if args.peft else "linear",
         start_step=0,
         end_step=None if args.peft else max(1, args.max_steps // 2),
         frequency=max(1, args.max_steps // 4),
     )
+    calibration = None
+    if prune_config.requires_calibration:  # Wanda: the same 4 batches on every rank (masks come from rank 0 anyway)
+        rows = RunDataset(4 * args.batch_size, args.seq_len, data_vocab, seed=args.seed + 7)
+        calibration = [
+            {"input_ids": torch.stack([rows[b * args.batch_size + i]["input_ids"] for i in range(args.batch_size)])}
+            for b in range(4)
+        ]
     base_dir = out / "student_base"
     rank = int(os.environ.get("RANK", 0))
     if args.peft:
@@ -311,7 +332,7 @@ def main(argv=None):
 
         # The frozen base is pruned once, here, and saved, so the adapter checkpoint points at a pruned base that
         # stock from_pretrained can load; PruningCallback recomputes the same masks and keeps them.
-        prune_(student, prune_config)
+        prune_(student, prune_config, calibration_data=calibration)
         if rank == 0:
             student.save_pretrained(base_dir)
         student = get_peft_model(
@@ -339,22 +360,22 @@ def main(argv=None):
         temperature=2.0,
         dataloader_drop_last=True,
     )
-    pruning = PruningCallback(prune_config)
+    pruning = PruningCallback(prune_config, calibration_data=calibration)
     qat = QATCallback(
         scheme=args.qat_scheme,
         group_size=args.qat_group_size,
         start_step=args.qat_start_step,
         output_dir=str(out / "quantized"),
         overwrite=True,
-        # save_qat_model needs a transformers PreTrainedModel; a PEFT model is merged first (not done here).
-        save_quantized=not (args.peft or args.no_qat),
+        # A LoRA student is merged (on a copy) before quantizing; sharded students are gathered on rank 0 first.
+        save_quantized=not args.no_qat,
     )
     mask_check = MaskConsistencyCallback(pruning)
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
         args=training_args,
-        train_dataset=RunDataset(args.batch_size * args.max_steps * 8, args.seq_len, vocab, seed=args.seed),
+        train_dataset=RunDataset(args.batch_size * args.max_steps * 8, args.seq_len, data_vocab, seed=args.seed),
         callbacks=([] if args.no_pruning else [pruning])
         + ([] if args.no_qat else [qat])
         + ([] if args.no_pruning else [mask_check]),
@@ -396,7 +417,7 @@ def main(argv=None):
     # Final checkpoint: gathered by the Trainer (FSDP2 full state dict / ZeRO-3 16-bit weights) and saved by rank 0.
     final_dir = out / "final"
     trainer.save_model(str(final_dir))
-    probe = RunDataset(2, args.seq_len, vocab, seed=1234)
+    probe = RunDataset(2, args.seq_len, data_vocab, seed=1234)
     probe_ids = torch.stack([probe[i]["input_ids"] for i in range(2)])
     # Reference logits of the trained model, computed on every rank (a collective forward under FSDP2 / ZeRO-3).
     model = trainer.model_wrapped if distributed_type == "DEEPSPEED" else trainer.model
@@ -407,10 +428,9 @@ def main(argv=None):
     failures: list[str] = []
     results: dict = {}
     if rank == 0:
-        with single_process_loading():
-            reloaded = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32)
-        reloaded.eval()
-        with torch.no_grad():
+        # Loaded and run by this process alone (under ZeRO-3 from_pretrained would otherwise be a collective).
+        with single_process_loading(), torch.no_grad():
+            reloaded = AutoModelForCausalLM.from_pretrained(final_dir, dtype=torch.float32).eval()
             logits = reloaded(input_ids=probe_ids).logits.float()
         diff = (logits - ref_logits).abs().max().item()
         scale = ref_logits.abs().max().item()
@@ -430,9 +450,8 @@ def main(argv=None):
         quant = None
         qdir = out / "quantized"
         if qat.save_quantized and qdir.is_dir():
-            with single_process_loading():
+            with single_process_loading(), torch.no_grad():
                 qmodel = AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu")
-            with torch.no_grad():
                 qlogits = qmodel(input_ids=probe_ids).logits.float()
             quant = {
                 "dir": str(qdir),
@@ -459,7 +478,10 @@ def main(argv=None):
             "qat": not args.no_qat,
             "masks_identical_every_step": args.no_pruning
             or bool(mask_check.records)
-            and all(r["masks_identical"] and not any(r["violations"]) for r in mask_check.records),
+            and all(
+                r["masks_identical"] and not any(r["violations"]) and not any(r["master_violations"])
+                for r in mask_check.records
+            ),
             "final_sparsity": pruning.sparsity,
             "teacher_memory": memory_all,
             "reload": reload,
@@ -484,7 +506,7 @@ def main(argv=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         if os.environ.get("OUT"):
-            tag = f"{distributed_type.lower()}{'_peft' if args.peft else ''}"
+            tag = f"{distributed_type.lower()}{'_peft' if args.peft else ''}_n{world_size}"
             Path(os.environ["OUT"], f"accelerate_{tag}.json").write_text(text)
         print("RESULT_JSON " + json.dumps(results))
     failures = gather(failures)[0]

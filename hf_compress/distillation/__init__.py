@@ -1,5 +1,6 @@
-"""Knowledge distillation: `DistillationTrainer`, its config, pure losses and student creation."""
+"""Knowledge distillation: `DistillationTrainer`, its config, pure losses, student creation and teacher caching."""
 
+from .cache import CachedTeacherLogits, cache_teacher_logits
 from .config import DistillationConfig
 from .losses import (
     distillation_loss,
@@ -10,11 +11,14 @@ from .losses import (
     mse_logits_loss,
     reverse_kl_loss,
 )
+from .sparse_losses import sparse_distillation_loss, sparse_forward_kl_and_cross_entropy
 from .trainer import DistillationTrainer
 
 __all__ = [
+    "CachedTeacherLogits",
     "DistillationConfig",
     "DistillationTrainer",
+    "cache_teacher_logits",
     "create_student",
     "distillation_loss",
     "forward_kl_loss",
@@ -23,6 +27,8 @@ __all__ = [
     "jsd_loss",
     "mse_logits_loss",
     "reverse_kl_loss",
+    "sparse_distillation_loss",
+    "sparse_forward_kl_and_cross_entropy",
 ]
 
 

@@ -41,7 +41,11 @@ def _load_teacher(path: str | os.PathLike, init_kwargs: dict[str, Any] | None) -
     """Load a model with the task class named in its config's `architectures` (falling back to `AutoModel`)."""
     import transformers
 
+    from ..utils.loading import is_gguf, load_pretrained
+
     init_kwargs = dict(init_kwargs or {})
+    if is_gguf(path, init_kwargs.get("gguf_file")):  # dequantized, see utils/loading.py
+        return load_pretrained(path, **init_kwargs)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except OSError as e:

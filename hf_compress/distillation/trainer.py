@@ -18,6 +18,7 @@ from ..utils.checkpoints import CorruptCheckpointError, checkpoint_problems, las
 from ..utils.modules import unwrap_model
 from ..utils.reliability import NonFiniteError, honour_ddp_timeout
 from ..utils.validation import check_writable_folder
+from .cache import CACHE_COLUMNS, COLUMN_CONFIG, CachedTargetsSpec
 from .config import DistillationConfig
 from .guard import (
     ID_INPUTS,
@@ -35,6 +36,18 @@ from .losses import (
     fused_linear_distillation_loss,
     hidden_state_loss,
 )
+from .offline import (
+    BATCH_IDS,
+    BATCH_NEG_ENTROPY,
+    BATCH_PROBS,
+    BATCH_REST,
+    CachedTargetsCollator,
+    cached_targets_spec,
+    check_cached_rows,
+    check_spec_for_training,
+)
+from .offline import BATCH_KEYS as CACHED_BATCH_KEYS
+from .sparse_losses import sparse_distillation_loss, sparse_forward_kl_and_cross_entropy
 
 logger = logging.get_logger(__name__)
 
@@ -122,6 +135,31 @@ def _input_vocabulary(model: nn.Module) -> int | None:
     return int(rows) if rows else None
 
 
+class _CachedTargetsCheck:
+    """Refuses cached targets the run cannot use (picklable, so dataloader workers can run it on each new setting)."""
+
+    def __init__(self, **settings: Any):
+        self.settings = settings
+        self.shared_width: int | None | str = "unset"  # the train set's, once checked
+
+    def __call__(self, spec: CachedTargetsSpec, name: str = "a batch") -> int | None:
+        width = check_spec_for_training(spec, name=name, **self.settings)
+        if self.shared_width != "unset" and width != self.shared_width:
+            raise ValueError(
+                f"{name}: cached teacher targets over {spec.vocab_size} tokens, but the train set's cover "
+                f"{self.shared_width}."
+            )
+        return width
+
+
+def _is_iterable_dataset(dataset) -> bool:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(dataset, datasets.IterableDataset)
+
+
 def default_layer_mapping(num_student_layers: int, num_teacher_layers: int) -> list[int]:
     """Teacher layer (1-based) for each student layer, evenly spaced: round(i * T / S) for i = 1..S."""
     return [max(1, round(i * num_teacher_layers / num_student_layers)) for i in range(1, num_student_layers + 1)]
@@ -154,7 +192,9 @@ class DistillationTrainer(Trainer):
     A [`~transformers.Trainer`] that distills a frozen teacher into the student it trains.
 
     Every `Trainer` argument works unchanged (datasets, collator, `compute_metrics`, callbacks,
-    `processing_class`, a PEFT student, `optimizers`); the only addition is `teacher_model`. The loss is
+    `processing_class`, a PEFT student, `optimizers`); the only addition is `teacher_model`. With
+    `teacher_model=None` the student trains from teacher targets cached in the dataset by `cache_teacher_logits`
+    (offline distillation: no teacher in memory or in the step). The loss is
     `alpha * distillation + (1 - alpha) * task (+ hidden_loss_weight * hidden)`, with the parts logged separately
     as `loss_distill`, `loss_task` and `loss_hidden`. At evaluation `eval_loss` is that combined loss (what
     `metric_for_best_model="eval_loss"` compares); `eval_loss_task` is the task loss alone (cross-entropy on the
@@ -171,8 +211,9 @@ class DistillationTrainer(Trainer):
 
     Args:
         model (`PreTrainedModel` or `peft.PeftModel`): the student.
-        teacher_model (`PreTrainedModel`, `nn.Module` or `str`):
-            the teacher, or a name/path loaded with `args.teacher_model_init_kwargs` and the student's task class.
+        teacher_model (`PreTrainedModel`, `nn.Module`, `str` or `None`):
+            the teacher, or a name/path loaded with `args.teacher_model_init_kwargs` and the student's task class;
+            `None` to train from the cached targets that `train_dataset` carries (see `cache_teacher_logits`).
         args (`DistillationConfig`, *optional*): a plain `TrainingArguments` is converted with default
             distillation settings.
         **kwargs: every other `Trainer` argument.
@@ -193,8 +234,6 @@ class DistillationTrainer(Trainer):
     ):
         if model is None:
             raise ValueError("model: DistillationTrainer needs a student model.")
-        if teacher_model is None:
-            raise ValueError("teacher_model: DistillationTrainer needs a teacher (a model, or a name/path to load).")
         if args is None:
             args = DistillationConfig(output_dir="tmp_trainer")
         elif not isinstance(args, DistillationConfig):
@@ -203,13 +242,17 @@ class DistillationTrainer(Trainer):
             args = DistillationConfig(**values)
         self.task = args.task if args.task != "auto" else infer_task(model)
         _check_task_matches_model(args.task, model)
+        self._cached_targets = None  # the CachedTargetsSpec of the train dataset when training offline
+        if teacher_model is None:
+            self._cached_targets = self._check_cached_targets(model, args, kwargs)
         if isinstance(teacher_model, (str, os.PathLike)):
             teacher_model = self._load_teacher(str(teacher_model), args.teacher_model_init_kwargs or {})
         elif args.teacher_model_init_kwargs:
             logger.warning("teacher_model_init_kwargs is ignored: the teacher was passed as a loaded model.")
-        if not isinstance(teacher_model, nn.Module):
+        if self._cached_targets is None and not isinstance(teacher_model, nn.Module):
             raise TypeError(f"teacher_model must be an nn.Module or a name/path, got {type(teacher_model).__name__}.")
-        self._check_compatible(model, teacher_model, kwargs.get("processing_class"))
+        if self._cached_targets is None:
+            self._check_compatible(model, teacher_model, kwargs.get("processing_class"))
 
         super().__init__(model=model, args=args, **kwargs)
 
@@ -219,9 +262,12 @@ class DistillationTrainer(Trainer):
         if self.task == "causal-lm":
             self._loss_shifts_labels = True
 
-        teacher_model.eval()
-        teacher_model.requires_grad_(False)
-        self.teacher_model = self._prepare_teacher(teacher_model)
+        if self._cached_targets is not None:
+            self._setup_cached_targets()
+        else:
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
+            self.teacher_model = self._prepare_teacher(teacher_model)
 
         self.hidden_projector: nn.ModuleList | None = None
         self._layer_mapping: list[int] | None = None
@@ -243,7 +289,7 @@ class DistillationTrainer(Trainer):
             AutoModelForTokenClassification,
         )
 
-        if not os.path.isdir(os.path.expanduser(name_or_path)) and (
+        if not os.path.exists(os.path.expanduser(name_or_path)) and (
             name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
         ):
             raise ValueError(f"teacher_model: the path {name_or_path!r} does not exist.")
@@ -258,7 +304,10 @@ class DistillationTrainer(Trainer):
             init_kwargs["dtype"] = getattr(torch, dtype)
             init_kwargs.pop("torch_dtype", None)
         try:
-            return auto_class.from_pretrained(name_or_path, **init_kwargs)
+            from ..utils.loading import load_pretrained
+
+            # load_pretrained: a `.gguf` path or `gguf_file` in init_kwargs loads dequantized (utils/loading.py).
+            return load_pretrained(name_or_path, auto_class, **init_kwargs)
         except OSError as err:
             raise ValueError(
                 f"teacher_model: cannot load {name_or_path!r}: it is not a local model directory and could not be "
@@ -394,6 +443,8 @@ class DistillationTrainer(Trainer):
         return self._guarded_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _distillation_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._cached_targets is not None:
+            return self._compute_cached_targets_loss(model, inputs, return_outputs, num_items_in_batch)
         # Training steps take the fused LM-head path where it applies (the batch guard asks for outputs too: it
         # gets None and recomputes the student's logits only on its failure path); evaluation returns full logits.
         if (not return_outputs or model.training) and self._fused_lm_head_plan(model) is not None:
@@ -596,6 +647,147 @@ class DistillationTrainer(Trainer):
         if self.loss_is_scaled_for_ga and self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes
         return loss
+
+    # ------------------------------------------------------------------ offline: cached teacher targets
+    def _check_cached_targets(self, model: nn.Module, args: DistillationConfig, kwargs: dict[str, Any]):
+        """Before any step: the datasets' cached targets must fit the student, the config and their own rows."""
+        train = kwargs.get("train_dataset")
+        spec = cached_targets_spec(train, "train_dataset")
+        if spec is None:
+            raise ValueError(
+                "teacher_model: DistillationTrainer needs a teacher (a model, or a name/path to load), or a "
+                "train_dataset carrying cached teacher targets (made by cache_teacher_logits); train_dataset has none."
+            )
+        tokenizer = kwargs.get("processing_class")
+        check = _CachedTargetsCheck(
+            task=self.task,
+            temperature=args.temperature,
+            loss_type=args.loss_type,
+            hidden_loss_weight=args.hidden_loss_weight,
+            student_width=_output_width(model, self.task),
+            tokenizer_length=len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None,
+        )
+        self._shared_width = check(spec, "train_dataset")
+        check.shared_width = self._shared_width
+        self._cached_targets_check = check
+        eval_sets = kwargs.get("eval_dataset")
+        eval_sets = eval_sets if isinstance(eval_sets, dict) else {"": eval_sets}
+        datasets_to_check = [("train_dataset", train, spec)]
+        for key, dataset in eval_sets.items():
+            name = f"eval_dataset[{key!r}]" if key else "eval_dataset"
+            eval_spec = cached_targets_spec(dataset, name)
+            if eval_spec is not None:  # an eval set without a cache is scored with the task loss alone
+                check(eval_spec, name)
+                datasets_to_check.append((name, dataset, eval_spec))
+        for name, dataset, dataset_spec in datasets_to_check:
+            if not isinstance(dataset, torch.utils.data.IterableDataset) and not _is_iterable_dataset(dataset):
+                check_cached_rows(dataset, dataset_spec, name)  # iterable datasets: checked batch by batch
+        logger.info(
+            "Training from cached teacher targets (%s, k=%d, temperature %g); no teacher is loaded.",
+            spec.method,
+            spec.k,
+            spec.temperature,
+        )
+        return spec
+
+    def _setup_cached_targets(self) -> None:
+        self.teacher_model = None
+        self.data_collator = CachedTargetsCollator(self.data_collator, check=self._cached_targets_check)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if getattr(self, "_cached_targets", None) is not None:
+            # Keep the cached targets past remove_unused_columns: the collator pads them, the loss reads them.
+            self._signature_columns += [c for c in CACHE_COLUMNS if c not in self._signature_columns]
+
+    def _remove_unused_columns(self, dataset, description: str | None = None):
+        dataset = super()._remove_unused_columns(dataset, description)
+        if (
+            getattr(self, "_cached_targets", None) is not None
+            and COLUMN_CONFIG in dataset.column_names
+            and dataset.format["type"] is None
+        ):
+            # Arrow -> numpy per batch instead of Python lists of ints: collation stays a small cost per step.
+            numeric = [c for c in CACHE_COLUMNS if c in dataset.column_names and c != COLUMN_CONFIG]
+            dataset = dataset.with_format("numpy", columns=numeric, output_all_columns=True)
+        return dataset
+
+    def _compute_cached_targets_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`compute_loss` against cached teacher targets: same mixing, masking and normalisation as with a teacher."""
+        args: DistillationConfig = self.args
+        cached = {k: inputs[k] for k in CACHED_BATCH_KEYS if k in inputs}
+        student_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in CACHED_BATCH_KEYS}
+        outputs = model(**student_inputs)
+        s_logits = outputs.logits
+        if self._shared_width is not None:
+            s_logits = s_logits[..., : self._shared_width]
+        mask, targets = self._positions(s_logits, inputs)
+        attention_mask = inputs.get("attention_mask")
+        if self.task == "causal-lm" and attention_mask is not None:
+            # A left pad before the first token "predicts" it; no target is cached at a padding position.
+            mask = mask & attention_mask.bool()
+        if args.alpha < 1.0 and targets is None:
+            raise ValueError(
+                f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
+                "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
+            )
+        if mask is not None:
+            local_items = mask.sum().clamp_min(1)
+        else:
+            local_items = torch.tensor(max(1, s_logits.shape[:-1].numel()), device=s_logits.device)
+        denominator = num_items_in_batch if (num_items_in_batch is not None and model.training) else local_items
+
+        means: dict[str, torch.Tensor] = {}
+        if not cached:
+            if model.training or targets is None:
+                raise ValueError(
+                    "a batch carries no cached teacher targets, and DistillationTrainer has no teacher "
+                    "(teacher_model=None): cache this dataset with cache_teacher_logits."
+                )
+            # An evaluation set without a cache: the task loss alone, since there is no teacher to compare with.
+            total = self._task_loss(s_logits, targets, mask)
+            means["loss_task"] = total / local_items
+        else:
+            device = s_logits.device
+            ids = cached[BATCH_IDS].to(device, non_blocking=True)
+            probs = cached[BATCH_PROBS].to(device, non_blocking=True)
+            rest = cached.get(BATCH_REST)
+            neg_entropy = cached.get(BATCH_NEG_ENTROPY)
+            rest = rest.to(device, non_blocking=True) if rest is not None else None
+            neg_entropy = neg_entropy.to(device, non_blocking=True) if neg_entropy is not None else None
+            if args.loss_type == "forward_kl":
+                total, sum_distill, sum_task = sparse_forward_kl_and_cross_entropy(
+                    s_logits,
+                    ids,
+                    probs,
+                    rest,
+                    neg_entropy,
+                    targets if args.alpha < 1.0 else None,
+                    args.temperature,
+                    args.alpha,
+                    mask,
+                )
+            else:
+                sum_distill = sparse_distillation_loss(
+                    s_logits, ids, probs, rest, args.loss_type, args.temperature, args.jsd_beta, mask, reduction="sum"
+                )
+                total = args.alpha * sum_distill
+                if args.alpha < 1.0:
+                    sum_task = self._task_loss(s_logits, targets, mask)
+                    total = total + (1.0 - args.alpha) * sum_task
+            means["loss_distill"] = sum_distill / local_items
+            if args.alpha < 1.0:
+                means["loss_task"] = sum_task / local_items
+        loss = total / denominator
+
+        mode = "train" if model.training else "eval"
+        for key, value in means.items():
+            self._loss_parts[mode][key].append(value.detach())
+
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None and model.training
+        if self.loss_is_scaled_for_ga and self.args.average_tokens_across_devices and self.args.world_size > 1:
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

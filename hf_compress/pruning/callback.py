@@ -23,13 +23,14 @@ from ..utils.reliability import (
     honour_ddp_timeout,
     saved_callback_state,
 )
+from ..utils.sharding import full_tensor, logical_numel, mul_
 from ..utils.validation import InvalidArgumentTypeError, check_writable_folder
 from .checkpoint import MASKS_NAME, load_verified_masks, save_masks
 from .config import PruningConfig
 from .schedule import is_pruning_step, last_pruning_step_at_or_before, sparsity_at_step
 from .scoring import get_scorer_class
 from .unstructured import (
-    _full,
+    _full_mask,
     _is_dtensor,
     _shard_like,
     apply_masks_,
@@ -52,9 +53,10 @@ def _broadcast_masks(
     masks: dict[str, torch.Tensor], timeout_s: float | None = None, what: str = "PruningCallback"
 ) -> dict[str, torch.Tensor]:
     """Under torch.distributed, make every rank use rank 0's masks (scores can differ by float noise or by
-    rank-local calibration batches; masks must not). DTensor masks (FSDP2) are left as they are: `compute_masks`
-    already scattered them from rank 0's whole mask. A stalled rank makes this fail within `timeout_s` (the run's
-    `ddp_timeout`) with a `TimeoutError`, instead of blocking the others."""
+    rank-local calibration batches; masks must not). DTensor masks (FSDP2) and flat ZeRO-3 partitions (1-D; whole
+    masks of Linear weights are 2-D) are left as they are: `compute_masks` already took them from rank 0's whole
+    mask. A stalled rank makes this fail within `timeout_s` (the run's `ddp_timeout`) with a `TimeoutError`,
+    instead of blocking the others."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return masks
     if torch.distributed.get_world_size() == 1:
@@ -64,7 +66,7 @@ def _broadcast_masks(
     out = {}
     with bounded_collectives(timeout_s, what):
         for name in sorted(masks):
-            if _is_dtensor(masks[name]):
+            if _is_dtensor(masks[name]) or masks[name].dim() == 1:
                 out[name] = masks[name]
                 continue
             buffer = masks[name].to(torch.uint8)  # gloo has no bool collectives
@@ -154,6 +156,7 @@ class PruningCallback(TrainerCallback, ExportableState):
         self._trainable: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._layer_sparsity: dict[str, float] = {}
         self._kept: dict[str, int] = {}
+        self._numel: dict[str, int] = {}
         self._scorer = get_scorer_class(config.method)()
         self._ddp_timeout: float | None = None
 
@@ -171,19 +174,21 @@ class PruningCallback(TrainerCallback, ExportableState):
         """Current fraction of pruned weights among the targeted ones."""
         if not self.masks:
             return 0.0
-        return 1 - sum(self._kept.values()) / sum(m.numel() for m in self.masks.values())
+        return 1 - sum(self._kept.values()) / sum(self._numel.values())
 
     def _set_masks(self, masks: dict[str, torch.Tensor]) -> None:
         modules = self._modules
         self.masks = {name: _shard_like(mask, modules[name].weight) for name, mask in masks.items()}
         apply_masks_(modules, self.masks)
         # Counted once here: for DTensor masks a count is a collective, which on_log (rank-local) must not run.
-        self._kept = {name: num_kept(m) for name, m in self.masks.items()}
+        self._kept = {name: num_kept(m, modules[name].weight) for name, m in self.masks.items()}
+        # Whole-weight sizes: a ZeRO-3 mask is this rank's flat partition.
+        self._numel = {name: logical_numel(modules[name].weight) for name in self.masks}
         # Only weights the optimizer updates need re-masking after a step (frozen PEFT base layers do not).
         self._trainable = [
             (modules[name].weight, mask) for name, mask in self.masks.items() if modules[name].weight.requires_grad
         ]
-        self._layer_sparsity = {name: 1 - self._kept[name] / m.numel() for name, m in self.masks.items()}
+        self._layer_sparsity = {name: 1 - self._kept[name] / self._numel[name] for name in self.masks}
 
     def _prune(self, model: nn.Module, step: int) -> None:
         # NaN/inf weights would get NaN scores, and topk over NaN picks an arbitrary mask: stop, naming the modules.
@@ -245,7 +250,9 @@ class PruningCallback(TrainerCallback, ExportableState):
                 f"No {MASKS_NAME} found for step {state.global_step}; rebuilding pruning masks from the zeros of the "
                 "loaded weights."
             )
-            masks = {name: module.weight.detach() != 0 for name, module in self._modules.items()}
+            masks = {}
+            for name, module in self._modules.items():  # whole weights (FSDP2 / ZeRO-3: gathered, collective)
+                masks[name] = full_tensor(module.weight).detach() != 0
         self._set_masks(_broadcast_masks(masks, self._ddp_timeout, f"PruningCallback resuming at {state.global_step}"))
 
     def _check_schedule_fits(self, max_steps: int | None) -> None:
@@ -294,7 +301,7 @@ class PruningCallback(TrainerCallback, ExportableState):
     def on_optimizer_step(self, args, state, control, **kwargs):
         # Right after optimizer.step(): pruned weights go back to exactly zero whatever Adam's state says.
         for weight, mask in self._trainable:
-            weight.mul_(mask)
+            mul_(weight, mask)  # ZeRO-3: the 16-bit partition and the optimizer's fp32 master partition
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
@@ -319,8 +326,9 @@ class PruningCallback(TrainerCallback, ExportableState):
     def on_save(self, args, state, control, **kwargs):
         if not self.masks:
             return
-        # Whole masks in the checkpoint; gathering DTensor shards is a collective, so every rank takes part.
-        masks = {name: _full(mask) for name, mask in self.masks.items()}
+        # Whole masks in the checkpoint; gathering DTensor shards / ZeRO-3 partitions is a collective, so every rank
+        # takes part.
+        masks = {name: _full_mask(mask, self._modules[name].weight) for name, mask in self.masks.items()}
         if not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

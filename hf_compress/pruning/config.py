@@ -15,7 +15,7 @@ from ..utils.validation import (
     check_patterns,
 )
 
-_SCOPES = ("layer", "global")
+_SCOPES = ("layer", "row", "global")
 _SCHEDULES = ("oneshot", "linear", "cubic")
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -46,14 +46,21 @@ class PruningConfig:
         method (`str`, *optional*, defaults to `"magnitude"`):
             How weights are scored; the lowest-scored are pruned. `"magnitude"` is |W| (L1); `"wanda"` is
             |W| x the L2 norm of the layer's input feature over calibration tokens (Sun et al. 2023,
-            "A Simple and Effective Pruning Approach for Large Language Models"). Other scorers can be added with
-            [`~hf_compress.pruning.scoring.register_scorer`].
+            "A Simple and Effective Pruning Approach for Large Language Models"); `"sparsegpt"` chooses the mask
+            and updates the kept weights to compensate (second-order OBS reconstruction, Frantar & Alistarh 2023,
+            "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot"), block by block. Other scorers
+            can be added with [`~hf_compress.pruning.scoring.register_scorer`].
         sparsity (`float`, *optional*):
             Final fraction of targeted weights set to zero, in [0, 1). Defaults to 0.5 for `"unstructured"`; for an
             N:M pattern it is 1 - N/M and may be left unset.
-        scope (`str`, *optional*, defaults to `"layer"`):
-            `"layer"`: every targeted weight reaches `sparsity`; `"global"`: one threshold across all targeted
-            weights (layers end with different sparsities). N:M patterns are always per group.
+        scope (`str`, *optional*):
+            Which weights compete for survival. `"layer"`: all weights of a layer (every targeted layer reaches
+            `sparsity`); `"row"`: the weights of each output row (every output neuron keeps the same fraction of its
+            inputs); `"global"`: all targeted weights (one threshold, layers end with different sparsities).
+            Defaults to the method's own choice: `"row"` for `"wanda"` (the paper's per-output comparison group,
+            which it found clearly better than per-layer on LLMs), `"layer"` for `"magnitude"`; `"sparsegpt"`
+            selects per block of 128 input columns as in its reference implementation (`"global"` is refused).
+            N:M patterns are always per group of M inputs of a row.
         pattern (`str`, *optional*, defaults to `"unstructured"`):
             `"unstructured"` or `"N:M"` (e.g. `"2:4"`): in every group of M consecutive input weights of an output
             row at most N survive (GPT-2 `Conv1D` weights are transposed; groups still run along the input).
@@ -69,7 +76,8 @@ class PruningConfig:
         start_step (`int`, *optional*, defaults to 0): optimizer step of the first pruning (0 = before training).
         end_step (`int`, *optional*): optimizer step of the last pruning; required for `"linear"`/`"cubic"`.
         frequency (`int`, *optional*, defaults to 10): optimizer steps between two pruning updates.
-        num_calibration_batches (`int`, *optional*, defaults to 8): calibration batches used by `"wanda"`.
+        num_calibration_batches (`int`, *optional*, defaults to 8): calibration batches used by `"wanda"` and
+            `"sparsegpt"`.
 
     Example:
 
@@ -83,12 +91,18 @@ class PruningConfig:
     ```
     """
 
-    method: str = field(default="magnitude", metadata={"help": "Scoring method: 'magnitude' or 'wanda'."})
+    method: str = field(default="magnitude", metadata={"help": "Scoring method: 'magnitude', 'wanda' or 'sparsegpt'."})
     sparsity: float | None = field(
         default=None,
         metadata={"help": "Final fraction of targeted weights set to zero, in [0, 1). Default 0.5, or 1-N/M."},
     )
-    scope: str = field(default="layer", metadata={"help": "'layer' (each weight) or 'global' (one threshold)."})
+    scope: str | None = field(
+        default=None,
+        metadata={
+            "help": "'layer' (each weight), 'row' (each output row) or 'global' (one threshold); default: the "
+            "method's own ('row' for wanda, 'layer' for magnitude)."
+        },
+    )
     pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or an 'N:M' string like '2:4'."})
     # `list[str] | None | str` in this order: HfArgumentParser makes these list flags (`--target_modules q v`).
     target_modules: list[str] | None | str = field(
@@ -102,12 +116,18 @@ class PruningConfig:
     start_step: int = field(default=0, metadata={"help": "Optimizer step of the first pruning (0: before training)."})
     end_step: int | None = field(default=None, metadata={"help": "Optimizer step of the last pruning."})
     frequency: int = field(default=10, metadata={"help": "Optimizer steps between pruning updates."})
-    num_calibration_batches: int = field(default=8, metadata={"help": "Calibration batches used by 'wanda'."})
+    num_calibration_batches: int = field(
+        default=8, metadata={"help": "Calibration batches used by 'wanda' and 'sparsegpt'."}
+    )
 
     def __post_init__(self):
         from .scoring import available_scorers
 
         check_choice("method", self.method, available_scorers())
+        if self.scope is None:
+            from .scoring import get_scorer_class
+
+            self.scope = get_scorer_class(self.method).default_scope
         check_choice("scope", self.scope, _SCOPES)
         check_choice("schedule", self.schedule, _SCHEDULES)
         if not isinstance(self.pattern, str):
@@ -126,11 +146,16 @@ class PruningConfig:
                     f"sparsity={self.sparsity!r} does not match pattern={self.pattern!r}, whose sparsity is "
                     f"1 - {n}/{m} = {1 - n / m:g}: leave sparsity unset with an N:M pattern."
                 )
-            if self.scope != "layer":
+            if self.scope == "global":
                 raise ValueError(
                     f"scope={self.scope!r} is not allowed with pattern={self.pattern!r}: N:M sparsity is decided "
-                    "per group of M weights, use scope='layer'."
+                    "per group of M weights, use scope='layer' (or leave it unset)."
                 )
+        if self.method == "sparsegpt" and self.scope == "global":
+            raise ValueError(
+                "scope='global' is not allowed with method='sparsegpt': SparseGPT chooses its mask per block of "
+                "input columns while it reconstructs each layer; use scope='layer' (or leave it unset)."
+            )
         self.target_modules = check_patterns("target_modules", self.target_modules)
         self.exclude_modules = check_patterns("exclude_modules", self.exclude_modules)
         self.initial_sparsity = check_number(

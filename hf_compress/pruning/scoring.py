@@ -1,8 +1,9 @@
 """Importance scores for pruning: a small registry, so new criteria plug in without touching the callback.
 
 A scorer turns a weight into a score of the same (out_features, in_features) shape; the lowest scores are pruned.
-Magnitude and Wanda are implemented here. SparseGPT (which also rewrites the kept weights) can override
-[`Scorer.update_weights_`]; movement pruning (which needs weights and gradients during training) can set
+Magnitude and Wanda are implemented here. A scorer that chooses its masks itself while rewriting the kept weights
+(SparseGPT, in `sparsegpt.py`) sets `chooses_masks = True` and implements [`Scorer.select_masks_`]; one that only
+rewrites kept weights after the mask is chosen can override [`Scorer.update_weights_`]; movement pruning (which needs weights and gradients during training) can set
 `observes_training = True` and accumulate in [`Scorer.observe_step`], which the callback calls before every
 optimizer step.
 """
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..utils.modules import is_conv1d, unwrap_model
+from ..utils.sharding import full_tensor, is_dtensor
 
 _SCORERS: dict[str, type[Scorer]] = {}
 
@@ -39,8 +41,13 @@ def get_scorer_class(name: str) -> type[Scorer]:
 
 
 def weight_as_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as (out_features, in_features); a view (GPT-2 `Conv1D` stores it transposed)."""
-    return module.weight.t() if is_conv1d(module) else module.weight
+    """The module's weight as (out_features, in_features); a view (GPT-2 `Conv1D` stores it transposed).
+
+    An FSDP2 `DTensor` weight is gathered whole first (a collective; the result is then a copy), so scores combine
+    it with plain tensors such as Wanda's activation norms.
+    """
+    weight = full_tensor(module.weight) if is_dtensor(module.weight) else module.weight
+    return weight.t() if is_conv1d(module) else weight
 
 
 class Scorer:
@@ -53,6 +60,10 @@ class Scorer:
 
     requires_calibration: bool = False
     observes_training: bool = False
+    # `PruningConfig.scope` when left unset: the comparison group the method is meant for.
+    default_scope: str = "layer"
+    # True: `compute_masks` asks `select_masks_` for the masks instead of ranking `score`s (SparseGPT).
+    chooses_masks: bool = False
 
     def prepare(self, model: nn.Module, modules: dict[str, nn.Module], calibration_data=None, num_batches=8) -> None:
         """Collect whatever the score needs (activation statistics...) before [`Scorer.score`] is called."""
@@ -65,7 +76,20 @@ class Scorer:
         """Called before each optimizer step when `observes_training` is set (e.g. movement scores)."""
 
     def update_weights_(self, name: str, module: nn.Module, keep_mask: torch.Tensor) -> None:
-        """Optionally rewrite the kept weights after a mask is chosen (e.g. SparseGPT's reconstruction)."""
+        """Optionally rewrite the kept weights after a mask is chosen."""
+
+    def select_masks_(
+        self,
+        model: nn.Module,
+        modules: dict[str, nn.Module],
+        *,
+        sparsity: float,
+        nm: tuple[int, int] | None,
+        previous_masks: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """For `chooses_masks` scorers: choose the keep-masks, shaped (out_features, in_features), and rewrite the
+        weights in place. `nm` is `(kept, M)` per group for N:M patterns, `None` for unstructured."""
+        raise NotImplementedError
 
 
 @register_scorer("magnitude")
@@ -120,6 +144,7 @@ class WandaScorer(Scorer):
     """
 
     requires_calibration = True
+    default_scope = "row"  # the paper's per-output comparison group
 
     def __init__(self):
         self.input_sq_norms: dict[str, torch.Tensor] = {}
@@ -157,3 +182,6 @@ class WandaScorer(Scorer):
         weight = weight_as_out_in(module).detach().abs().float()
         norms = self.input_sq_norms[name].to(weight.device).sqrt()
         return weight * norms.unsqueeze(0)
+
+
+from . import sparsegpt as _sparsegpt  # noqa: E402,F401  (registers "sparsegpt")

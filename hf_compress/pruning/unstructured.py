@@ -14,6 +14,16 @@ from torch.nn.utils import prune as torch_prune
 from transformers.utils import logging
 
 from ..utils.modules import find_linear_modules, is_conv1d, unwrap_model
+from ..utils.sharding import (
+    count_nonzero,
+    gathered,
+    is_dtensor,
+    is_zero3_param,
+    logical_numel,
+    mul_,
+    shard_like,
+    unshard_like,
+)
 from .config import PruningConfig
 from .schedule import nm_keep_count
 from .scoring import Scorer, get_scorer_class
@@ -29,11 +39,7 @@ def get_pruning_targets(model: nn.Module, config: PruningConfig) -> dict[str, nn
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+    return is_dtensor(tensor)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -44,20 +50,20 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 
 def _shard_like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`mask` laid out like `weight`: a full mask becomes a DTensor with the weight's mesh and placements (rank 0's
-    copy is scattered, so every rank applies the same mask); a plain weight gets `mask` on its device."""
-    if not _is_dtensor(weight) or _is_dtensor(mask):
-        return mask.to(weight.device)
-    # uint8: gloo has no bool collectives.
-    from torch.distributed.tensor import distribute_tensor
-
-    full = mask.to(device=weight.device, dtype=torch.uint8)
-    return distribute_tensor(full, weight.device_mesh, weight.placements).bool()
+    copy is scattered, so every rank applies the same mask), or under ZeRO-3 the flat slice of rank 0's mask that
+    this rank's partition holds; a plain weight gets `mask` on its device."""
+    return shard_like(mask, weight)
 
 
-def num_kept(mask: torch.Tensor) -> int:
-    """Number of True entries of a keep-mask, DTensor shards included (a collective then)."""
-    kept = mask.sum()
-    return int(kept.full_tensor() if _is_dtensor(kept) else kept)
+def _full_mask(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The whole mask from one laid out like `weight` (DTensor shard or ZeRO-3 partition; a collective then)."""
+    return unshard_like(mask, weight)
+
+
+def num_kept(mask: torch.Tensor, weight: torch.Tensor | None = None) -> int:
+    """Number of True entries of a keep-mask, DTensor shards and ZeRO-3 partitions of `weight` included (a
+    collective then)."""
+    return count_nonzero(mask, weight)
 
 
 def _to_stored_layout(module: nn.Module, keep_out_in: torch.Tensor) -> torch.Tensor:
@@ -75,6 +81,16 @@ def _keep_lowest_pruned(scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
         # Same selection rule as torch.nn.utils.prune.L1Unstructured (topk of the lowest), on arbitrary scores.
         keep[torch.topk(scores.flatten(), num_pruned, largest=False).indices] = False
     return keep.view_as(scores)
+
+
+def _keep_lowest_pruned_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask (out, in) pruning the `round(sparsity * in_features)` lowest scores of every output row (Wanda's
+    per-output comparison group)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    num_pruned = round(sparsity * scores.shape[1])
+    if num_pruned > 0:
+        keep.scatter_(1, torch.topk(scores, num_pruned, dim=1, largest=False).indices, False)
+    return keep
 
 
 def _nm_keep(scores: torch.Tensor, keep_per_group: int, m: int, name: str) -> torch.Tensor:
@@ -126,12 +142,29 @@ def compute_masks(
             )
         scorer.prepare(model, modules, calibration_data, config.num_calibration_batches)
 
+    if scorer.chooses_masks:
+        nm = config.nm
+        keep_out_in = scorer.select_masks_(
+            model,
+            modules,
+            sparsity=sparsity,
+            nm=(nm_keep_count(config, sparsity), nm[1]) if nm is not None else None,
+            previous_masks=(
+                {n: _to_out_in(modules[n], m) for n, m in previous_masks.items() if n in modules}
+                if previous_masks
+                else None
+            ),
+        )
+        return {name: _shard_like(_to_stored_layout(m, keep_out_in[name]), m.weight) for name, m in modules.items()}
+
     scores = {}
     for name, module in modules.items():
-        # FSDP2 shards: score the whole weight (identical on every rank), so masks are whole and identical too.
-        score = _full(scorer.score(name, module))
+        # FSDP2 shards / ZeRO-3 partitions: score the whole weight (identical on every rank), so masks are whole and
+        # identical too. Under ZeRO-3 one module's weight is gathered at a time.
+        with gathered([module.weight]):
+            score = _full(scorer.score(name, module))
         if previous_masks is not None and name in previous_masks:
-            previous = _full(previous_masks[name]).to(score.device)
+            previous = _full_mask(previous_masks[name], module.weight).to(score.device)
             score = score.masked_fill(~_to_out_in(module, previous), float("-inf"))
         scores[name] = score
 
@@ -150,6 +183,9 @@ def compute_masks(
             keep_out_in = keep[offset : offset + n].view_as(scores[name]).to(scores[name].device)
             masks[name] = _to_stored_layout(module, keep_out_in)
             offset += n
+    elif config.scope == "row":
+        for name, module in modules.items():
+            masks[name] = _to_stored_layout(module, _keep_lowest_pruned_per_row(scores[name], sparsity))
     else:
         for name, module in modules.items():
             score = scores[name]
@@ -177,9 +213,14 @@ def apply_masks_(
         if _is_reparametrized(module):
             torch_prune.remove(module, MASK_ATTRIBUTE)
         if reparametrize:
+            if is_dtensor(module.weight) or is_zero3_param(module.weight):
+                raise ValueError(
+                    f"reparametrize=True is not supported for the sharded (FSDP2 / ZeRO-3) weight of {name!r}: use "
+                    "reparametrize=False (zeros written into the weights) with PruningCallback."
+                )
             torch_prune.custom_from_mask(module, MASK_ATTRIBUTE, mask.to(module.weight.device, module.weight.dtype))
         else:
-            module.weight.mul_(_shard_like(mask, module.weight))
+            mul_(module.weight, _shard_like(mask, module.weight))
 
 
 def prune_(
@@ -226,8 +267,8 @@ def prune_(
     modules = get_pruning_targets(model, config)
     masks = compute_masks(model, config, sparsity=sparsity, calibration_data=calibration_data, modules=modules)
     apply_masks_(modules, masks, reparametrize=reparametrize)
-    kept = sum(num_kept(m) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
+    kept = sum(num_kept(m, modules[n].weight) for n, m in masks.items())
+    total = sum(logical_numel(modules[n].weight) for n in masks)
     logger.info(f"Pruned {len(masks)} modules with {config.method}/{config.pattern}: sparsity {1 - kept / total:.4f}")
     return masks
 
@@ -246,5 +287,5 @@ def make_pruning_permanent_(model: nn.Module, masks: dict[str, torch.Tensor] | N
             torch_prune.remove(module, MASK_ATTRIBUTE)
     if masks:
         for name, mask in masks.items():
-            named[name].weight.mul_(_shard_like(mask, named[name].weight))
+            mul_(named[name].weight, _shard_like(mask, named[name].weight))
     return model

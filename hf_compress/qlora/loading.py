@@ -3,9 +3,10 @@ classes, the bitsandbytes config that keeps heads in full precision, k-bit prepa
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -16,6 +17,9 @@ from ..utils import validation as _validation
 from ..utils.tasks import normalize_task
 from .loftq import loftq_init_
 from .targets import _linear_names, find_lora_target_modules
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PretrainedConfig
 
 logger = logging.get_logger(__name__)
 
@@ -295,7 +299,7 @@ def prepare_qlora(
 
 # Longer than 80 lines because of its docstring (a public API: every argument documented); the code is 73 lines.
 def load_qlora_model(
-    model_name_or_path: str | os.PathLike,
+    model_name_or_path: str | os.PathLike | PretrainedConfig,
     task: str = "causal-lm",
     *,
     lora_r: int = 16,
@@ -324,7 +328,10 @@ def load_qlora_model(
     process loads the model on its own device, so the same script runs under `accelerate launch` DDP.
 
     Args:
-        model_name_or_path (`str`): hub name or local folder of a transformers model.
+        model_name_or_path (`str` or `PretrainedConfig`): hub name or local folder of a transformers model, or a
+            config whose weights are passed in memory as `state_dict=` (a dict of tensors, e.g. on CPU; they are
+            quantized one by one as they are loaded, so nothing is written to disk and the 16-bit model is never whole
+            on the GPU).
         task (`str`, *optional*, defaults to `"causal-lm"`): `causal-lm`, `sequence-classification`,
             `token-classification`, `question-answering`, `seq2seq-lm` or `feature-extraction`; PEFT's `TaskType`
             values (`CAUSAL_LM`, `SEQ_CLS`, ... or the enum) and pipeline task names (`text-generation`,
@@ -342,7 +349,8 @@ def load_qlora_model(
         num_labels (`int`, *optional*): number of labels of a classification head.
         device_map (*optional*): defaults to the current process's device (`{"": local_rank}` on CUDA, CPU otherwise).
         model_kwargs: passed to `from_pretrained` (`attn_implementation`, `revision`, a `quantization_config` of
-            your own, ...).
+            your own, ...). `gguf_file=` (or a `.gguf` path as `model_name_or_path`) loads a GGUF checkpoint,
+            dequantized once into a cached folder ([`~hf_compress.utils.loading.gguf_to_folder`]).
 
     Returns:
         `peft.PeftModel`
@@ -360,10 +368,11 @@ def load_qlora_model(
     >>> trainer = Trainer(model=model, args=TrainingArguments("out", bf16=True), train_dataset=train)
     ```
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
+    from_config = isinstance(model_name_or_path, PretrainedConfig)
     _validation.check_load_qlora_model_arguments(
-        model_name_or_path,
+        "<config>" if from_config else model_name_or_path,
         task,
         load_in_4bit=load_in_4bit,
         load_in_8bit=load_in_8bit,
@@ -374,6 +383,12 @@ def load_qlora_model(
         device_map=device_map,
         **_lora_arguments(locals()),
     )
+    from ..utils.loading import gguf_to_folder
+
+    # A GGUF checkpoint (`.gguf` path or gguf_file=) is dequantized once into a cached folder: bitsandbytes
+    # quantization cannot read GGUF.
+    if not from_config:
+        model_name_or_path = gguf_to_folder(model_name_or_path, model_kwargs.pop("gguf_file", None))
     task = _check_task(task)
     _check_lora_args(lora_r, lora_alpha, lora_dropout)
     if load_in_4bit and load_in_8bit:
@@ -388,10 +403,24 @@ def load_qlora_model(
         require_backend("bitsandbytes", "Loading a 4-bit/8-bit QLoRA base (load_in_4bit / load_in_8bit)")
     require_backend("peft", "QLoRA adapters")
 
-    config_kwargs = {k: model_kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in model_kwargs}
-    if num_labels is not None:
-        config_kwargs["num_labels"] = num_labels
-    config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
+    if from_config:
+        # Weights given in memory (`state_dict=`), quantized tensor by tensor as they are loaded: nothing written to
+        # disk, and the 16-bit model never exists whole on the GPU.
+        if model_kwargs.get("state_dict") is None:
+            raise ValueError(
+                f"model_name_or_path is a {type(model_name_or_path).__name__}: pass the weights as state_dict=... "
+                "(a dict of tensors keyed like the model's state_dict, e.g. on CPU), or a model folder instead."
+            )
+        if loftq:
+            raise ValueError("loftq=True reads the full-precision safetensors of a model folder; pass a folder.")
+        config = copy.deepcopy(model_name_or_path)
+        if num_labels is not None:
+            config.num_labels = num_labels
+    else:
+        config_kwargs = {k: model_kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in model_kwargs}
+        if num_labels is not None:
+            config_kwargs["num_labels"] = num_labels
+        config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
     _check_task_supported(task, config)
     if (load_in_4bit or load_in_8bit) and "quantization_config" not in model_kwargs:
         model_kwargs["quantization_config"] = _bnb_config(
@@ -404,8 +433,10 @@ def load_qlora_model(
         )
     if not quantize:
         model_kwargs.setdefault("dtype", compute_dtype)
-    model = _auto_class(task).from_pretrained(
-        model_name_or_path,
+    # The auto classes need a name or folder; with a config the concrete class loads from `state_dict`.
+    model_class = _auto_class(task)._model_mapping[type(config)] if from_config else _auto_class(task)
+    model = model_class.from_pretrained(
+        None if from_config else model_name_or_path,
         config=config,
         device_map=device_map if device_map is not None else _default_device_map(),
         **model_kwargs,
@@ -421,7 +452,7 @@ def load_qlora_model(
         modules_to_save=modules_to_save,
         gradient_checkpointing=gradient_checkpointing,
         loftq=loftq,
-        loftq_model_path=model_name_or_path,
+        loftq_model_path=None if from_config else model_name_or_path,
         lora_kwargs=lora_kwargs,
     )
 

@@ -18,6 +18,7 @@ from ..utils import require_backend, unwrap_model
 from ..utils.callbacks import dispatching_trainer
 from ..utils.output import check_output_dir
 from ..utils.reliability import check_finite_weights, ensure_callback_state_slot, honour_ddp_timeout
+from ..utils.sharding import is_sharded, single_process_loading, unsharded_cpu_copy
 from ..utils.validation import (
     check_bool,
     check_callable,
@@ -200,7 +201,13 @@ class QATCallback(TrainerCallback, ExportableState):
             from .qat import convert_qat_
 
             convert_qat_(model)  # every rank: plain Linear layers holding the QAT-trained weights
-        if not self.save_quantized or not state.is_world_process_zero:
+        if not self.save_quantized:
+            return
+        sharded = is_sharded(model)
+        if sharded:
+            # FSDP2 shards / ZeRO-3 partitions: gather a whole CPU copy on the main process (every rank takes part).
+            model = unsharded_cpu_copy(model)
+        if not state.is_world_process_zero:
             return
         check_finite_weights(
             select_qat_modules(model, self.config), "QATCallback (saving the quantized model)", state.global_step
@@ -209,16 +216,18 @@ class QATCallback(TrainerCallback, ExportableState):
         to_save = model
         if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
             # A LoRA student: quantize the merged weights (a copy, so the trained adapter stays as it is).
-            to_save = copy.deepcopy(model).merge_and_unload()
+            to_save = (model if sharded else copy.deepcopy(model)).merge_and_unload()
             names = [_merged_module_name(n) for n in names]
-        save_qat_model(
-            to_save,
-            target,
-            self.config,
-            processing_class=processing_class,
-            overwrite=self.overwrite,
-            quantized_module_names=names or None,
-        )
+        # Under ZeRO-3 the Trainer's DeepSpeed config would make from_pretrained a collective: load in this process.
+        with single_process_loading():
+            save_qat_model(
+                to_save,
+                target,
+                self.config,
+                processing_class=processing_class,
+                overwrite=self.overwrite,
+                quantized_module_names=names or None,
+            )
         self.quantized_model_dir = str(target)
         logger.info(f"QATCallback: wrote the {self.config.scheme} quantized model to {target}.")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +41,7 @@ PTQ_METHODS: dict[str, tuple[str, str]] = {
         "int4 grouped weights packed for CUDA's tinygemm kernel (torchao Int4WeightOnlyConfig, tile_packed_to_4d): "
         "bfloat16, compute capability >= 8.0; fast batch-1 decoding",
     ),
+    "int4-packed": ("torchao", "torchao-int4's integers packed two per byte on disk, int8 embedding, bf16 rest"),
 }
 # Group sizes tinygemm (`aten._weight_int4pack_mm`) takes.
 INT4_CUDA_GROUP_SIZES = (32, 64, 128, 256)
@@ -130,6 +130,10 @@ def build_quantization_config(
     from torchao.quantization.granularity import PerAxis, PerGroup
     from transformers import TorchAoConfig
 
+    if method == "int4-packed":
+        from .packed import PackedQuantizationConfig
+
+        return PackedQuantizationConfig(group_size=group_size)
     if method == "torchao-int8":
         base = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     elif method == "torchao-int4-cuda":
@@ -229,8 +233,17 @@ def _check_quantization_options(compute_dtype, double_quant, llm_int8_threshold,
         )
 
 
-def _check_model_or_path(model_or_path) -> None:
+def _check_model_or_path(model_or_path, gguf_file=None) -> None:
+    from ..utils.loading import is_gguf
+
     if isinstance(model_or_path, (str, os.PathLike)):
+        path = os.fspath(model_or_path)
+        expanded = os.path.expanduser(path)
+        if is_gguf(path, gguf_file):  # a `.gguf` file, or a folder holding `gguf_file`
+            gguf = os.path.join(expanded, os.fspath(gguf_file)) if gguf_file is not None else expanded
+            if not os.path.isfile(gguf) and not (gguf_file is not None and os.path.isfile(os.fspath(gguf_file))):
+                raise ValueError(f"model_or_path={path!r}, gguf_file={gguf_file!r}: no GGUF file at {gguf!r}.")
+            return
         # a missing folder, or one holding only Trainer checkpoints, fails with a clear message (not after Hub retries)
         resolve_model_source(model_or_path, "model_or_path")
         return
@@ -238,10 +251,19 @@ def _check_model_or_path(model_or_path) -> None:
 
 
 def check_quantize_model_arguments(
-    model_or_path, method, *, model_class, device_map, output_dir, processing_class, overwrite, **options
+    model_or_path,
+    method,
+    *,
+    model_class,
+    device_map,
+    output_dir,
+    processing_class,
+    overwrite,
+    gguf_file=None,
+    **options,
 ) -> None:
     """Every check of [`quantize_model`] that needs no model loading, in argument order (raises on the first)."""
-    _check_model_or_path(model_or_path)
+    _check_model_or_path(model_or_path, gguf_file)
     check_ptq_method(method)
     _check_quantization_options(**options)
     check_model_class("model_class", model_class)
@@ -297,6 +319,9 @@ def quantize_model(
     output_dir: str | os.PathLike | None = None,
     processing_class=None,
     overwrite: bool = False,
+    gguf_file: str | os.PathLike | None = None,
+    storage_dtype: str | torch.dtype | None = None,
+    embedding_bits: int | None = 8,
 ):
     """Post-training quantization of a trained model; the result saves and reloads with stock `from_pretrained`.
 
@@ -316,6 +341,13 @@ def quantize_model(
     - `"torchao-int4-cuda"`: int4 weights packed for CUDA's tinygemm kernel (bfloat16 model, GPU only, `group_size`
       32/64/128/256, 128 recommended): the 4-bit export that decodes faster than bfloat16 at batch 1 when decoded
       with [`StaticCacheDecoder`] (static KV cache, CUDA graphs).
+      scale per `group_size` input features. Both run on CPU and GPU. torchao keeps each int4 value in a whole
+      byte, on disk too.
+    - `"int4-packed"`: the integers and scales of `"torchao-int4"` packed two per byte on disk (outputs equal the
+      torchao int4 model's), the input embedding (and a tied head) int8 per row unless `embedding_bits=None`, the
+      rest in `storage_dtype` (default bfloat16): the export whose bits per parameter reflect 4-bit weights.
+      Loads with `from_pretrained` once `hf_compress` is imported (a transformers quantizer plugin); see
+      [`~hf_compress.quantization.packed.quantize_packed_`].
 
     Args:
         model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a trained model (a PEFT model is merged into a
@@ -337,6 +369,13 @@ def quantize_model(
         output_dir (`str` or `os.PathLike`, *optional*): if given, the quantized model is saved there.
         processing_class (*optional*): tokenizer / processor saved with it.
         overwrite (`bool`, *optional*, defaults to `False`): allow writing into a non-empty `output_dir`.
+        gguf_file (`str`, *optional*): load `model_or_path` from this GGUF file (dequantized first, see
+            [`~hf_compress.utils.loading.load_pretrained`]); a path ending in `.gguf` is detected without it.
+        storage_dtype (`str` or `torch.dtype`, *optional*): dtype of everything the method leaves unquantized
+            (embeddings, norms, skipped heads), e.g. `"bfloat16"` so a tied embedding does not stay in float32;
+            defaults to the model's dtype (`"bfloat16"` for `"int4-packed"`).
+        embedding_bits (`int`, *optional*, defaults to 8): `"int4-packed"` only: 8 stores the input embedding (and
+            a tied output head) as int8, `None` keeps it in `storage_dtype`.
 
     Returns:
         `PreTrainedModel`: the quantized model.
@@ -351,6 +390,7 @@ def quantize_model(
     check_quantize_model_arguments(
         model_or_path,
         method,
+        gguf_file=gguf_file,
         model_class=model_class,
         device_map=device_map,
         output_dir=output_dir,
@@ -366,6 +406,21 @@ def quantize_model(
     if output_dir is not None:
         output_dir = check_output_dir(output_dir, overwrite)
 
+    from ..utils.loading import is_gguf, load_pretrained
+
+    if isinstance(model_or_path, (str, os.PathLike)) and is_gguf(model_or_path, gguf_file):
+        # transformers cannot quantize while reading GGUF: dequantize it, then quantize the module as below.
+        model_or_path = load_pretrained(model_or_path, model_class, gguf_file=gguf_file)
+    if storage_dtype is not None:
+        storage_dtype = _as_dtype(storage_dtype, "storage_dtype")
+    if method == "int4-packed":
+        return _quantize_packed(
+            model_or_path, model_class, group_size, embedding_bits, storage_dtype, output_dir, processing_class
+        )
+    if storage_dtype is not None and not isinstance(model_or_path, (str, os.PathLike)):
+        import copy
+
+        model_or_path = copy.deepcopy(unwrap_model(model_or_path)).to(storage_dtype)
     with tempfile.TemporaryDirectory(prefix="hf_compress_ptq_") as tmp:
         if isinstance(model_or_path, (str, os.PathLike)):
             path = Path(model_or_path)
@@ -403,6 +458,8 @@ def quantize_model(
             kwargs["dtype"] = reference.dtype
         if method == "torchao-int4-cuda":
             kwargs["dtype"] = torch.bfloat16  # the tinygemm kernel's only dtype
+        elif storage_dtype is not None:
+            kwargs["dtype"] = storage_dtype
         quantized = cls.from_pretrained(path, **kwargs)
     quantized.eval()
     # Save before any forward pass: bitsandbytes' CPU 4-bit kernels repack weights on first use, and a checkpoint
@@ -439,7 +496,7 @@ def check_quantizable(model: nn.Module, argument: str = "model_or_path") -> None
             )
         model = base
     if not isinstance(model, PreTrainedModel):
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             f"{argument}: quantize_model needs a transformers PreTrainedModel (or a PEFT model on one) or the path of "
             f"a saved model folder, got {type(model).__name__}."
         )
@@ -464,3 +521,29 @@ def _check_group_size(model: nn.Module, method: str, group_size: int, skip_modul
                 f"group_size={group_size} does not divide in_features={in_features} of layer {name!r}; pick a "
                 "group_size that divides every quantized layer's input width, or add the layer to skip_modules."
             )
+
+
+def _quantize_packed(
+    model_or_path, model_class, group_size, embedding_bits, storage_dtype, output_dir, processing_class
+):
+    """`quantize_model(..., "int4-packed")`: a packed copy (the input model is not modified), saved if asked."""
+    from .packed import quantize_packed_
+
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from ..utils.loading import load_pretrained
+
+        model = load_pretrained(model_or_path, model_class)
+    else:
+        import copy
+
+        model = copy.deepcopy(unwrap_model(model_or_path))
+    quantize_packed_(
+        model, group_size=group_size, embedding_bits=embedding_bits, storage_dtype=storage_dtype or torch.bfloat16
+    )
+    model.eval()
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        if processing_class is not None:
+            processing_class.save_pretrained(output_dir)
+        logger.info(f"Saved the int4-packed model to {output_dir}.")
+    return model

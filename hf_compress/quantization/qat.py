@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
+import torch
 from torch import nn
 from transformers.utils import logging
 
@@ -63,11 +64,55 @@ def select_qat_modules(model: nn.Module, config: QATConfig) -> dict[str, nn.Line
     return selected
 
 
+def _fake_quantized_prototype(module: nn.Linear, base_config) -> nn.Module:
+    """torchao's fake-quantized version of a Linear shaped like `module`, built on the meta device (no weights)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig as TorchaoQATConfig
+
+    with torch.device("meta"):
+        holder = nn.Sequential(nn.Linear(module.in_features, module.out_features, bias=module.bias is not None))
+    quantize_(holder, TorchaoQATConfig(base_config, step="prepare"))
+    return holder[0]
+
+
+def _can_fake_quantize_in_place(module: nn.Module) -> bool:
+    # An exact nn.Linear whose forward is the class's (accelerate's offload hooks replace the instance's forward).
+    return type(module) is nn.Linear and "forward" not in module.__dict__
+
+
+def _fake_quantize_in_place_(module: nn.Linear, prototype: nn.Module) -> None:
+    """Turn `module` itself into the fake-quantized class of `prototype`, with `prototype`'s fake quantizers.
+
+    The module object, its `weight` / `bias` `Parameter`s and every hook on it stay as they are: FSDP2 unshards
+    parameters into the module objects it recorded when sharding, and DeepSpeed ZeRO-3 gathers them in hooks on
+    those objects, so a new module swapped in after sharding (what `quantize_` does) would see shards or empty
+    partitions. torchao's own class and fake quantizers do the work; only the swap is done in place.
+    """
+    module.__class__ = type(prototype)
+    for name, child in prototype._modules.items():
+        module._modules[name] = child
+    for name, value in vars(prototype).items():
+        if not name.startswith("_") and name not in vars(module) and name not in ("training",):
+            setattr(module, name, value)
+
+
+def _unfake_quantize_in_place_(module: nn.Module) -> None:
+    """Undo [`_fake_quantize_in_place_`]: `module` becomes a plain `nn.Linear` again (same object, same weights)."""
+    for name in ("activation_fake_quantizer", "weight_fake_quantizer"):
+        module._modules.pop(name, None)
+        module.__dict__.pop(name, None)
+    module.__class__ = nn.Linear
+
+
 def prepare_qat_(model: nn.Module, config: QATConfig | None = None) -> list[str]:
     """Insert torchao fake quantization into the targeted Linear layers of `model`, in place.
 
-    Each targeted `nn.Linear` becomes a `torchao.quantization.qat.FakeQuantizedLinear` that *shares* the original
-    `weight` and `bias` `Parameter` objects, so an optimizer built before this call keeps updating them.
+    Each targeted `nn.Linear` becomes a `torchao.quantization.qat.FakeQuantizedLinear` *in place*: the same module
+    object, with torchao's fake quantizers attached and its `weight` and `bias` `Parameter`s untouched, so an
+    optimizer built before this call keeps updating them, and the layers of a model already sharded by FSDP2
+    (`fully_shard`) or partitioned by DeepSpeed ZeRO-3 keep working (fake quantization can start at any step of such
+    a run). Layers that are not exact `nn.Linear` modules, or whose `forward` was replaced on the instance, are
+    swapped for new `FakeQuantizedLinear` modules sharing the same parameters (torchao's `quantize_`).
 
     Args:
         model (`nn.Module`): the model (DDP / compile wrappers are looked through).
@@ -95,11 +140,19 @@ def prepare_qat_(model: nn.Module, config: QATConfig | None = None) -> list[str]
     if not selected:
         return sorted(already)
     names = set(selected)
-    quantize_(
-        model,
-        TorchaoQATConfig(config.to_torchao_base_config(), step="prepare"),
-        filter_fn=lambda module, fqn: fqn in names and isinstance(module, nn.Linear),
-    )
+    base_config = config.to_torchao_base_config()
+    swapped = set()
+    for name, module in selected.items():
+        if _can_fake_quantize_in_place(module):
+            _fake_quantize_in_place_(module, _fake_quantized_prototype(module, base_config))
+        else:
+            swapped.add(name)
+    if swapped:
+        quantize_(
+            model,
+            TorchaoQATConfig(base_config, step="prepare"),
+            filter_fn=lambda module, fqn: fqn in swapped and isinstance(module, nn.Linear),
+        )
     logger.info(f"QAT ({config.scheme}, group_size={config.group_size}): fake-quantized {len(names)} Linear layers.")
     return sorted(already | names)
 
@@ -108,10 +161,11 @@ def convert_qat_(model: nn.Module, config: QATConfig | None = None) -> list[str]
     """Remove fake quantization from `model`, in place; with a `config`, also quantize those layers for real.
 
     Without `config`, every `FakeQuantizedLinear` goes back to a plain `nn.Linear` holding the (QAT-trained) float
-    weights: the model saves and loads like any transformers model. With `config`, torchao then replaces the
-    weights by real integer tensors (torchao tensor subclasses), for inference in memory. A model quantized in memory
-    this way does not round-trip through `save_pretrained` / `from_pretrained`: use [`save_qat_model`] to write a
-    checkpoint that stock `from_pretrained` loads.
+    weights (the same module objects, so a sharded FSDP2 / ZeRO-3 model keeps working): the model saves and loads
+    like any transformers model. With `config`, torchao then replaces the weights by real integer tensors (torchao
+    tensor subclasses), for inference in memory. A model quantized in memory this way does not round-trip through
+    `save_pretrained` / `from_pretrained`: use [`save_qat_model`] to write a checkpoint that stock `from_pretrained`
+    loads.
 
     Args:
         model (`nn.Module`): a model prepared with [`prepare_qat_`].
@@ -122,6 +176,7 @@ def convert_qat_(model: nn.Module, config: QATConfig | None = None) -> list[str]
     """
     require_backend("torchao", "Converting a quantization-aware-trained model")
     from torchao.quantization import quantize_
+    from torchao.quantization.qat import FakeQuantizedLinear
     from torchao.quantization.qat import QATConfig as TorchaoQATConfig
 
     model = unwrap_model(model)
@@ -129,12 +184,18 @@ def convert_qat_(model: nn.Module, config: QATConfig | None = None) -> list[str]
     if not names:
         logger.warning("convert_qat_: the model holds no fake-quantized layer; nothing to convert.")
         return []
-    base_config = config.to_torchao_base_config() if config is not None else None
-    quantize_(
-        model,
-        TorchaoQATConfig(base_config, step="convert"),
-        filter_fn=lambda module, fqn: fqn in names,
-    )
+    swapped = set()
+    for name, module in model.named_modules():
+        if name not in names:
+            continue
+        if type(module) is FakeQuantizedLinear and "forward" not in module.__dict__:
+            _unfake_quantize_in_place_(module)
+        else:
+            swapped.add(name)
+    if swapped:  # layers torchao swapped in (or other fake-quantized classes): torchao swaps them back
+        quantize_(model, TorchaoQATConfig(None, step="convert"), filter_fn=lambda module, fqn: fqn in swapped)
+    if config is not None:
+        quantize_(model, config.to_torchao_base_config(), filter_fn=lambda module, fqn: fqn in names)
     return sorted(names)
 
 

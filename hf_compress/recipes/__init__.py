@@ -33,7 +33,7 @@ Modules: `recipe.py` (what a recipe is, and its validation), `fields.py` (type c
 """
 
 from ..errors import RecipeError
-from .data import load_dataset_splits
+from .data import load_dataset_splits, load_text_blocks
 from .recipe import STAGE_TYPES, Recipe, Stage, load_recipe
 from .runner import check_recipe_output, run_recipe
 
@@ -44,6 +44,7 @@ __all__ = [
     "Stage",
     "check_recipe_output",
     "load_dataset_splits",
+    "load_text_blocks",
     "load_recipe",
     "run_recipe",
 ]

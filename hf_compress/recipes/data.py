@@ -121,4 +121,29 @@ def _label_ids(ds, column: str, label2id: Mapping[str, int] | None):
     return lambda v: mapping[v] if v in mapping else lower[v.lower()]
 
 
-__all__ = ["load_dataset_splits"]
+__all__ = ["load_dataset_splits", "load_text_blocks"]
+
+
+def load_text_blocks(spec: Mapping[str, Any], tokenizer) -> tuple[list[dict], list[dict]]:
+    """Train and evaluation blocks of a causal-LM recipe: `<text_dir>/train.txt` and `<text_dir>/test.txt` (else
+    `valid.txt`), each tokenized as one text and cut into non-overlapping `block_size` (default 512) token blocks
+    (`input_ids` and `labels`), the first `max_train_tokens` / `max_eval_tokens` tokens of each."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    folder = Path(os.path.expanduser(str(spec["text_dir"])))
+    block = int(spec.get("block_size", 512))
+    splits = []
+    for names, limit in ((("train",), spec.get("max_train_tokens")), (("test", "valid"), spec.get("max_eval_tokens"))):
+        path = next((folder / f"{n}.txt" for n in names if (folder / f"{n}.txt").is_file()), None)
+        if path is None:
+            raise FileNotFoundError(
+                f"dataset.text_dir: no {' or '.join(n + '.txt' for n in names)} in {str(folder)!r}."
+            )
+        ids = torch.tensor(tokenizer(path.read_text(encoding="utf-8"))["input_ids"], dtype=torch.long)
+        ids = ids[: int(limit)] if limit else ids
+        n = ids.numel() // block
+        splits.append([{"input_ids": row, "labels": row} for row in ids[: n * block].view(n, block)])
+    return splits[0], splits[1]

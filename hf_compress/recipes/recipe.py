@@ -30,11 +30,17 @@ _STAGE_KEYS = {
     "quantize": {"config", "storage_dtype"},
     "qat": {"config", "args", "distill_from_teacher"},
 }
-_TOP_LEVEL_KEYS = {"model", "teacher", "tokenizer", "dataset", "output_dir", "overwrite", "report", "stages"}
+_TOP_LEVEL_KEYS = {"model", "teacher", "tokenizer", "dataset", "output_dir", "overwrite", "report", "stages", "task"}
+TASKS = ("sequence-classification", "causal-lm")  # any spelling normalize_task accepts ("classification", ...)
 _DATASET_KEYS = {
     "name",
     "path",
     "hub",
+    "text_dir",
+    "block_size",
+    "max_train_tokens",
+    "max_eval_tokens",
+    "calibration_batches",
     "text_column",
     "label_column",
     "max_length",
@@ -94,6 +100,9 @@ class Recipe:
         overwrite (`bool`): replace existing stage folders.
         report (`dict`): [`compression_report`] settings: `batch_size`, `max_eval_batches`, `latency_batches`, `warmup`;
             `include_input: false` leaves the input model out of the table (its first row is then the first stage).
+        task (`str`): `"sequence-classification"` (default; also `"classification"`, `"text-classification"`; accuracy / F1) or `"causal-lm"` (perplexity; the dataset is then
+            `text_dir: <folder with train.txt and test.txt>` cut into `block_size` token blocks, with optional
+            `max_train_tokens`, `max_eval_tokens`, `calibration_batches`; see [`~hf_compress.recipes.load_text_blocks`]).
 
     >>> recipe = load_recipe({"model": "teacher", "output_dir": "out", "stages": [{"type": "quantize"}]})
     >>> recipe.stages[0].folder_name
@@ -108,6 +117,7 @@ class Recipe:
     tokenizer: str | None = None
     overwrite: bool = False
     report: dict[str, Any] = field(default_factory=dict)
+    task: str = "sequence-classification"
 
     def stage_dirs(self) -> dict[str, Path]:
         return {s.name: Path(self.output_dir) / s.folder_name for s in self.stages}
@@ -276,6 +286,7 @@ def load_recipe(
         tokenizer=data.get("tokenizer"),
         overwrite=data.get("overwrite", False),
         report=dict(report),
+        task=_recipe_task(data),
     )
     for stage in stages:
         _validate_stage(stage, str(Path(recipe.output_dir) / stage.folder_name))
@@ -337,6 +348,16 @@ def _resolve_inputs(
             where = f" (relative paths are resolved against {str(base_dir)!r})" if base_dir is not None else ""
             raise RecipeError(f"recipe: field dataset.path={dataset['path']!r}: no file at {str(path)!r}{where}.")
         data["dataset"] = {**dataset, "path": str(path)}
+    if isinstance(dataset, Mapping) and isinstance(dataset.get("text_dir"), str):
+        folder = Path(dataset["text_dir"]).expanduser()
+        if not folder.is_absolute() and base_dir is not None and "dataset" not in overridden:
+            folder = Path(os.path.normpath(base_dir / folder))
+        if not folder.is_dir():
+            where = f" (relative paths are resolved against {str(base_dir)!r})" if base_dir is not None else ""
+            raise RecipeError(
+                f"recipe: field dataset.text_dir={dataset['text_dir']!r}: no folder at {str(folder)!r}{where}."
+            )
+        data["dataset"] = {**data.get("dataset", dataset), "text_dir": str(folder)}
     return data
 
 
@@ -372,7 +393,26 @@ _DATASET_FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "an integer > 0",
     ),
     "seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "text_dir": (lambda v: isinstance(v, str) and bool(v), "a folder path"),
+    "block_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "an integer > 0"),
+    "max_train_tokens": (
+        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+        "an integer > 0",
+    ),
+    "max_eval_tokens": (
+        lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+        "an integer > 0",
+    ),
 }
+
+
+def _recipe_task(data: Mapping[str, Any]) -> str:
+    from ..utils.tasks import normalize_task
+
+    try:
+        return normalize_task(data.get("task", "sequence-classification"), TASKS, argument="recipe: field 'task'")
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
 
 
 def _check_top_level(data: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
@@ -400,7 +440,11 @@ def _check_top_level(data: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mappin
                 f"recipe: unknown field dataset.{key!r}; allowed: {sorted(_DATASET_KEYS)}."
                 + _did_you_mean(key, _DATASET_KEYS)
             )
-    if sum(k in dataset for k in ("name", "path", "hub")) != 1:
+    task = _recipe_task(data)
+    if task == "causal-lm":
+        if "text_dir" not in dataset:
+            raise RecipeError("recipe: task 'causal-lm' needs dataset.text_dir (a folder with train.txt, test.txt).")
+    elif sum(k in dataset for k in ("name", "path", "hub")) != 1:
         raise RecipeError("recipe: field 'dataset' needs exactly one of 'name' (phishing), 'path' or 'hub'.")
     if "name" in dataset and dataset["name"] != "phishing":
         raise RecipeError(f"recipe: dataset.name={dataset['name']!r}; the embedded dataset is 'phishing'.")

@@ -21,7 +21,7 @@ from ..utils.output import (
     clear_library_files,
     library_files,
 )
-from .data import _load_data
+from .data import _load_data, load_text_blocks
 from .recipe import (
     Recipe,
     Stage,
@@ -40,9 +40,12 @@ _STAGE_FILES = LIBRARY_FILES + TRAINER_FILES
 
 
 def _load_model(name_or_path: str):
+    import torch
+
     from ..reporting import load_model
 
-    model = load_model(name_or_path)
+    # On the GPU when there is one: the stages train there, and the reports evaluate where the model is.
+    model = load_model(os.path.expanduser(name_or_path), device="cuda" if torch.cuda.is_available() else None)
     model.train()
     return model
 
@@ -66,11 +69,13 @@ class _Run:
         from ..metrics import make_compute_metrics
         from ..reporting import compression_report
 
+        causal_lm = self.recipe.task == "causal-lm"
         return compression_report(
             {name: model_or_path},
             eval_dataset=self.eval_set,
-            compute_metrics=make_compute_metrics("sequence-classification"),
-            task="sequence-classification",
+            # causal LMs: compression_report measures perplexity itself
+            compute_metrics=None if causal_lm else make_compute_metrics("sequence-classification"),
+            task="causal-lm" if causal_lm else "sequence-classification",
             processing_class=self.tokenizer,
             data_collator=self.collator,
             methods={name: methods},
@@ -78,8 +83,14 @@ class _Run:
         ).rows[0]
 
     def calibration_batches(self) -> list[dict[str, Any]]:
-        """4 batches of 8 training examples, without labels."""
-        batches = [self.collator([self.train_set[i] for i in range(b * 8, b * 8 + 8)]) for b in range(4)]
+        """Calibration batches without labels: 4 x 8 training examples, or for causal LMs
+        `dataset.calibration_batches` (default 32) single blocks spread over the training text."""
+        if self.recipe.task == "causal-lm":
+            count = min(int(self.recipe.dataset.get("calibration_batches", 32)), len(self.train_set))
+            step = max(len(self.train_set) // max(count, 1), 1)
+            batches = [self.collator([self.train_set[i * step]]) for i in range(count)]
+        else:
+            batches = [self.collator([self.train_set[i] for i in range(b * 8, b * 8 + 8)]) for b in range(4)]
         for batch in batches:
             batch.pop("labels", None)
         return batches
@@ -94,7 +105,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     stage before the first one runs, and `overwrite` replaces only what hf_compress wrote there. The wall time of
     every stage (its training, saving and measuring) is in `report.timings` and the final `report.json`.
     """
-    from transformers import AutoTokenizer, DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    from ..utils.loading import load_tokenizer
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, **overrides)
@@ -107,12 +120,18 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     folders = recipe.stage_dirs()
     _prepare_output(recipe, folders)
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.tokenizer or recipe.model)
-    train_set, eval_set = _load_data(recipe, tokenizer, _label2id(recipe.model))
+    # a `.gguf` model carries its tokenizer
+    tokenizer = load_tokenizer(os.path.expanduser(recipe.tokenizer or recipe.model))
+    if recipe.task == "causal-lm":
+        train_set, eval_set = load_text_blocks(recipe.dataset, tokenizer)
+        collator = default_data_collator
+    else:
+        train_set, eval_set = _load_data(recipe, tokenizer, _label2id(recipe.model))
+        collator = DataCollatorWithPadding(tokenizer)
     _check_steps(recipe, len(train_set))  # schedules against each stage's length, before any stage trains
     report_kwargs = {"batch_size": 32, "latency_batches": 3, "warmup": 1, **recipe.report}
     include_input = report_kwargs.pop("include_input", True)
-    run = _Run(recipe, tokenizer, train_set, eval_set, DataCollatorWithPadding(tokenizer), report_kwargs)
+    run = _Run(recipe, tokenizer, train_set, eval_set, collator, report_kwargs)
     run.model = _load_model(recipe.model)
     run.teacher = _load_model(recipe.teacher) if recipe.teacher else None
     if include_input:
@@ -171,7 +190,7 @@ def _run_stage(run: _Run, stage: Stage, folder: Path):
     reference = run.rows[0] if run.rows[0] is not row else None
     reference_figures = {"name": reference.name, "size_mb": reference.disk_mb} if reference else None
     write_model_card(folder, _row_figures(row), run.methods, reference_figures)
-    report = CompressionReport(rows=list(run.rows), task="sequence-classification")
+    report = CompressionReport(rows=list(run.rows), task=run.recipe.task)
     _write_report(report, folder)
     logger.info(f"hf_compress recipe: after {stage.label}:\n{report.to_markdown()}")
     if stage.type not in ("quantize", "qat"):

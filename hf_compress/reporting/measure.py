@@ -115,6 +115,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
     from transformers import AutoConfig, AutoModel
 
     path = str(path)
+    from ..utils.loading import is_gguf, load_pretrained
+
+    if is_gguf(path):  # a `.gguf` file: dequantized to an ordinary model (utils/loading.py)
+        return load_pretrained(path).to(device or "cpu").eval()
     config = AutoConfig.from_pretrained(path)
     cls = next((getattr(transformers, a) for a in (config.architectures or []) if hasattr(transformers, a)), AutoModel)
     kwargs: dict[str, Any] = {}

@@ -60,7 +60,8 @@ def check_saved_model_folder(folder: str | os.PathLike, argument: str = "model")
 def resolve_model_source(
     value: str | os.PathLike, argument: str = "model", *, base_dir: str | os.PathLike | None = None
 ) -> str:
-    """The local folder (resolved) or Hub name that `value` designates; raises before anything is loaded.
+    """The local folder (resolved), `.gguf` file or Hub name that `value` designates; raises before anything is
+    loaded.
 
     A relative path is taken relative to `base_dir` when given (a recipe's folder), else to the working directory.
     A value that is not an existing folder must look like a Hub id (`name` or `org/name`): it is then accepted if it is
@@ -79,6 +80,8 @@ def resolve_model_source(
     where = f" (relative paths are resolved against {str(base_dir)!r})" if base_dir is not None else ""
     if path.is_dir():
         return str(check_saved_model_folder(path, argument))
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return str(path)  # a GGUF checkpoint (dequantized on loading, see utils.loading)
     if path.exists():
         raise ModelNotFoundError(f"{argument}={text!r}: {str(path)!r} is a file, not a saved model folder.")
     if not looks_like_hub_id(text):

@@ -148,10 +148,20 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if p.is_meta:
             nonzero += n
             continue
+        if getattr(p, "qdata", None) is not None:  # torchao quantized tensor: count its integers
+            nonzero += int(torch.count_nonzero(p.qdata).item()) if p.qdata.numel() == n else n
+            continue
         try:
             nonzero += int(torch.count_nonzero(p).item())
         except (NotImplementedError, RuntimeError, TypeError):
-            # Quantized tensor subclasses (torchao's IntxUnpackedToInt8Tensor, ...) implement no count_nonzero;
-            # like packed bitsandbytes weights, quantized weights count as non-zero.
+            # Other quantized tensor subclasses implement no count_nonzero; like packed bitsandbytes weights, they
+            # count as non-zero.
             nonzero += n
+    # hf_compress' packed layers (utils/packed_int4.py) hold their weights as buffers: count them too.
+    for module in unwrap_model(model).modules():
+        counter = getattr(module, "weight_counts", None)
+        if callable(counter):
+            n, nz = counter()
+            total += n
+            nonzero += nz
     return total, nonzero

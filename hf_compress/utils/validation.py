@@ -412,8 +412,10 @@ def check_model_path(name: str, value: Any) -> str:
     """A local model folder or a hub name: a path that looks local (`./x`, `/x`, `~/x`, `a/b/c`) must exist."""
     path = check_path(name, value, allow_none=False)
     if os.path.exists(os.path.expanduser(path)):
-        if not os.path.isdir(os.path.expanduser(path)):
-            raise ValueError(f"{name}={path!r} is not allowed: it is a file; pass the model's folder.")
+        if not os.path.isdir(os.path.expanduser(path)) and not path.lower().endswith(".gguf"):
+            raise ValueError(
+                f"{name}={path!r} is not allowed: it is a file; pass the model's folder (or a .gguf file)."
+            )
         return path
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ValueError(f"{name}={path!r} is not allowed: the folder does not exist.")
