@@ -5,7 +5,7 @@ tiny `hf_compress_demo/1_teacher` (what `hf-compress demo` writes, shrunk) and a
 replacements in `TINY` below (model names, data sizes, step counts, lengths). A block preceded by the line
 `<!-- readme-test: gpu -->` runs only where CUDA is available. Every replacement must match the README: when a block
 changes, this table changes with it, so the README cannot drift from the code unnoticed. (About a minute on 2 CPU
-cores: the README chains six Trainer runs, quantization, QAT export, QLoRA and a report.)
+cores: the README chains seven Trainer runs, a teacher cache, quantization, QAT export, QLoRA, GGUF and a report.)
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ TINY = {
     'load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="train[:2000]")': "tiny_text()",
     "max_length=128": "max_length=32",
     "max_steps=100": "max_steps=2",
+    "smollm2_folder()": "TINY_LM",
+    "find_packaged_gguf()": "TINY_GGUF",
 }
 
 
@@ -86,7 +88,15 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
     pytest.importorskip("torchao")
     monkeypatch.chdir(tmp_path)
     save_tiny_url_teacher(tmp_path / "hf_compress_demo" / "1_teacher", layers=2, hidden=64, heads=4)
-    namespace = {"__name__": "__readme__", "TINY_LM": _tiny_lm(tmp_path / "tiny_lm"), "tiny_text": _tiny_text}
+    pytest.importorskip("gguf")
+    from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
+
+    namespace = {
+        "__name__": "__readme__",
+        "TINY_LM": _tiny_lm(tmp_path / "tiny_lm"),
+        "TINY_GGUF": str(write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")),
+        "tiny_text": _tiny_text,
+    }
     blocks = readme_blocks(README.read_text(encoding="utf-8"))
     assert len(blocks) >= 9 and sum(gpu for _, _, gpu in blocks) == 2
     ran = 0
@@ -100,10 +110,11 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch):
         except Exception as err:
             raise AssertionError(f"README.md block at line {line} failed: {type(err).__name__}: {err}") from err
         ran += 1
-    assert ran >= 7
+    assert ran >= 9
 
     # what the chain left behind: every folder the README names, loadable, and the final report
-    for folder in ("student", "pruned", "smaller", "student-nf4", "student-qat/quantized", "student-ft/ptq_nf4"):
+    folders = ("student", "student-offline", "pruned", "smaller", "student-nf4", "student-qat/quantized", "small")
+    for folder in (*folders, "student-ft/ptq_nf4"):
         assert (tmp_path / folder / "config.json").is_file(), folder
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "adapter" / "adapter_config.json").is_file()
     report = namespace["report"]

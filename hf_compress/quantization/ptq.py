@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -418,8 +419,6 @@ def quantize_model(
             model_or_path, model_class, group_size, embedding_bits, storage_dtype, output_dir, processing_class
         )
     if storage_dtype is not None and not isinstance(model_or_path, (str, os.PathLike)):
-        import copy
-
         model_or_path = copy.deepcopy(unwrap_model(model_or_path)).to(storage_dtype)
     with tempfile.TemporaryDirectory(prefix="hf_compress_ptq_") as tmp:
         if isinstance(model_or_path, (str, os.PathLike)):
