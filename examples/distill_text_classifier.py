@@ -33,6 +33,7 @@ from transformers import (
 from hf_compress import DistillationConfig, DistillationTrainer, create_student, make_compute_metrics
 from hf_compress.data import load_phishing_dataset, train_url_tokenizer
 from hf_compress.utils import count_parameters
+from hf_compress.utils.threads import configure_threads
 
 
 def parse_args():
@@ -53,6 +54,12 @@ def parse_args():
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--max-examples", type=int, default=None, help="use a class-balanced sample of the data")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on small or busy machines, see hf_compress.utils.threads)",
+    )
     return p.parse_args()
 
 
@@ -94,6 +101,7 @@ def load_data_and_teacher(args):
 
 def main():
     args = parse_args()
+    configure_threads(args.num_threads)
     started = time.time()
     lr = args.learning_rate or (5e-4 if args.offline else 2e-5)
     data, tokenizer, teacher = load_data_and_teacher(args)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from hf_compress import PruningCallback, PruningConfig, sparsity_report
+from hf_compress.utils.threads import configure_threads
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 
@@ -45,7 +46,14 @@ def main():
     parser.add_argument("--max-steps", type=int, default=1000)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--offline", action="store_true", help="tiny GPT-2 from a config, byte-level data")
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on small or busy machines, see hf_compress.utils.threads)",
+    )
     opts = parser.parse_args()
+    configure_threads(opts.num_threads)
 
     text = Path(opts.train_file).read_text(encoding="utf-8")
     if opts.offline:

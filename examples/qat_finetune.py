@@ -44,6 +44,7 @@ from hf_compress import (
     compute_perplexity,
     save_qat_model,
 )
+from hf_compress.utils.threads import configure_threads
 
 LOCAL_WIKITEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext2"
 
@@ -70,6 +71,12 @@ def parse_args():
     p.add_argument("--learning-rate", type=float, default=None, help="default 2e-5 online, 5e-4 offline")
     p.add_argument("--max-eval-blocks", type=int, default=64)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on small or busy machines, see hf_compress.utils.threads)",
+    )
     return p.parse_args()
 
 
@@ -130,6 +137,7 @@ def perplexity(model, dataset, n_blocks):
 
 def main():
     args = parse_args()
+    configure_threads(args.num_threads)
     started = time.time()
     args.max_steps = args.max_steps or (150 if args.offline else 1000)
     args.block_size = args.block_size or (64 if args.offline else 512)

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
 
 from hf_compress import DistillationConfig, DistillationTrainer, compute_perplexity, load_qlora_model, merge_qlora
+from hf_compress.utils.threads import configure_threads
 
 LOCAL_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 
@@ -43,6 +44,12 @@ def parse_args():
     p.add_argument("--learning-rate", type=float, default=None, help="default 2e-4 online, 2e-3 offline")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on small or busy machines, see hf_compress.utils.threads)",
+    )
     return p.parse_args()
 
 
@@ -109,6 +116,7 @@ def offline_models(args, train_text: str) -> tuple[str, str]:
 
 def main():
     args = parse_args()
+    configure_threads(args.num_threads)
     started = time.time()
     args.block_size = args.block_size or (64 if args.offline else 512)
     args.max_steps = args.max_steps or (60 if args.offline else 500)
@@ -186,3 +194,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # under `accelerate launch`
+        torch.distributed.destroy_process_group()  # a live gloo group can abort the exit (pytorch/pytorch#190489)

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from hf_compress import load_qlora_model, merge_qlora
+from hf_compress.utils.threads import configure_threads
 
 LOCAL_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2"
 
@@ -46,6 +47,12 @@ def parse_args():
     p.add_argument("--requantize", choices=["nf4", "int8"], default="nf4")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on small or busy machines, see hf_compress.utils.threads)",
+    )
     return p.parse_args()
 
 
@@ -119,6 +126,7 @@ def perplexity(trainer: Trainer, dataset) -> float:
 
 def main():
     args = parse_args()
+    configure_threads(args.num_threads)
     started = time.time()
     if args.offline:
         args.block_size = args.block_size or 64
@@ -184,3 +192,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # under `accelerate launch`
+        torch.distributed.destroy_process_group()  # a live gloo group can abort the exit (pytorch/pytorch#190489)

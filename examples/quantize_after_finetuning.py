@@ -36,6 +36,7 @@ from transformers import (
 
 from hf_compress import PostTrainingQuantizationCallback, make_compute_metrics
 from hf_compress.data import load_phishing_dataset, train_url_tokenizer
+from hf_compress.utils.threads import configure_threads
 
 
 def parse_args():
@@ -54,6 +55,12 @@ def parse_args():
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--max-examples", type=int, default=None, help="use a class-balanced sample of the data")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on small or busy machines, see hf_compress.utils.threads)",
+    )
     return p.parse_args()
 
 
@@ -90,6 +97,7 @@ def load_data_and_model(args):
 
 def main():
     args = parse_args()
+    configure_threads(args.num_threads)
     started = time.time()
     data, tokenizer, model = load_data_and_model(args)
     data = data.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True)

@@ -10,7 +10,12 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
+from ._quiet import install_backend_warning_filters
+
 __version__ = "0.1.0"
+
+# Before anything imports torchao / bitsandbytes: drop the import-time lines a user cannot act on (see _quiet.py).
+install_backend_warning_filters()
 
 # public name -> submodule that defines it
 _IMPORT_STRUCTURE: dict[str, list[str]] = {
@@ -64,6 +69,8 @@ _IMPORT_STRUCTURE: dict[str, list[str]] = {
     "utils.reliability": ["NonFiniteError"],
     "utils.shutdown": ["GracefulShutdownCallback"],
     "utils.validation": ["InvalidArgumentTypeError"],
+    "utils.tasks": ["normalize_task"],
+    "utils.threads": ["configure_threads"],
     "utils.imports": [
         "is_bitsandbytes_available",
         "is_peft_available",

@@ -82,6 +82,17 @@ def _recipe_epilog() -> str:
     return "\n".join(lines)
 
 
+def _add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--num_threads",
+        "--num-threads",
+        type=int,
+        default=None,
+        help="CPU threads of torch. Default: OMP_NUM_THREADS if set; else 1 on machines with up to 2 cores or when "
+        "the load average reaches the core count, at most the idle cores otherwise (latency is measured with it).",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
@@ -107,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--json", default=None, help="Also write the final report as JSON to this path.")
     run.add_argument("--plot", default=None, help="Also draw the size-vs-quality plot (PNG) to this path.")
+    _add_threads_flag(run)
 
     report = sub.add_parser(
         "report",
@@ -134,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--warmup", type=int, default=2, help="Untimed warm-up batches.")
     report.add_argument("--json", default=None, help="Write the report as JSON to this path.")
     report.add_argument("--plot", default=None, help="Draw the size-vs-quality plot (PNG) to this path.")
+    _add_threads_flag(report)
 
     sub.add_parser(
         "demo",
@@ -150,10 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _report_command(ns: argparse.Namespace) -> int:
     from .reporting import compression_report
     from .utils.loading import load_tokenizer
+    from .utils.model_path import check_saved_model_folder
 
     names = ns.names or [str(p).rstrip("/").split("/")[-1] for p in ns.models]
     if len(names) != len(ns.models):
         raise SystemExit(f"hf-compress report: --names gives {len(names)} names for {len(ns.models)} models.")
+    for index, folder in enumerate(ns.models):  # before loading anything (a missing folder is not a Hub name here)
+        check_saved_model_folder(folder, f"models[{index}]")
     eval_dataset = tokenizer = max_length = None
     if ns.dataset is not None:
         from .data import load_phishing_dataset
@@ -186,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     ns = parser.parse_args(list(argv) if argv is not None else None)
+    if getattr(ns, "num_threads", None) is not None and ns.num_threads < 1:
+        parser.error(f"--num_threads={ns.num_threads} must be a positive integer.")
     try:
         return _dispatch(ns)
     except (RecipeError, UnavailableError, FileExistsError, FileNotFoundError) as err:
@@ -194,6 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(ns: argparse.Namespace) -> int:
+    if ns.command in ("run", "report"):
+        from .utils.threads import configure_threads
+
+        configure_threads(ns.num_threads)  # the demo does it from its own --num_threads
     if ns.command == "run":
         from .recipes import run_recipe
 

@@ -16,7 +16,6 @@ recipe that ran (`recipe.yaml`, the flags applied) and the final table in `repor
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from transformers.utils import logging
 
 from .errors import UnavailableError
 from .utils.output import check_output_dir, prepare_output_dir
+from .utils.threads import configure_threads
 
 logger = logging.get_logger(__name__)
 
@@ -103,8 +103,9 @@ class DemoConfig:
     num_threads: int | None = field(
         default=None,
         metadata={
-            "help": "CPU threads of torch. Default: 1 on machines with up to 2 cores or when the load average reaches "
-            "the core count (threads spin-wait for each other under contention); torch's own choice otherwise."
+            "help": "CPU threads of torch. Default: OMP_NUM_THREADS if set; else 1 on machines with up to 2 cores or "
+            "when the load average reaches the core count (threads spin-wait for each other under contention), and at "
+            "most the idle cores otherwise (hf_compress.utils.threads.configure_threads)."
         },
     )
 
@@ -141,23 +142,6 @@ class DemoConfig:
 
         if self.quantization not in PTQ_METHODS:
             raise ValueError(f"quantization={self.quantization!r}; allowed: {sorted(PTQ_METHODS)}.")
-
-
-def _set_threads(num_threads: int | None) -> None:
-    # Measured here (torch 2.13, 2 cores): a training step of the demo's teacher took 0.34 s with 1 thread and 2.5 s
-    # with 2 threads while other processes used the cores, because OpenMP threads spin-wait for a descheduled peer.
-    # The same happened to the distillation stage with 2 threads (8 steps/s idle, 0.4 steps/s next to one busy process).
-    # On a nearly idle machine 2 threads are faster (teacher stage: 64 s, against 118 s with 1 thread next to one
-    # other busy process), but a shared machine is the common case for a demo: on machines of up to 2 cores, or
-    # when the load average reaches the core count, one thread is used unless --num_threads says otherwise.
-    if num_threads is None and not torch.cuda.is_available():
-        cores = os.cpu_count() or 1
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        if cores <= 2 or load >= cores:
-            num_threads = 1
-            logger.warning(f"Using 1 CPU thread ({cores} cores, load average {load:.1f}); see --num_threads.")
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -325,7 +309,7 @@ def run_demo(config: DemoConfig | None = None, **kwargs: Any):
     from .recipes import check_recipe_output, load_recipe, run_recipe
 
     config = config if config is not None else DemoConfig(**kwargs)
-    _set_threads(config.num_threads)
+    configure_threads(config.num_threads)
     start = time.perf_counter()
     data = load_demo_data(config)  # hub names fail here, before anything is written
     num_labels = len(set(data["train"]["label"]))
@@ -337,7 +321,8 @@ def run_demo(config: DemoConfig | None = None, **kwargs: Any):
         )
         teacher = build_teacher(config, tokenizer, num_labels)
     recipe_fields = demo_recipe(config, len(data["train"]), teacher if config.teacher is not None else None)
-    recipe = load_recipe(recipe_fields)  # validated before anything is written
+    # validated before anything is written; the input model folder is written below, so it is checked at run time
+    recipe = load_recipe(recipe_fields, check_models=False)
     root = Path(config.output_dir)
     check_recipe_output(recipe)
     check_output_dir(root / INPUT_DIR, config.overwrite, f"output_dir/{INPUT_DIR}")

@@ -13,8 +13,13 @@ class UnavailableError(RuntimeError):
     """A model or dataset that was asked for could not be loaded (no network, wrong name)."""
 
 
+class ModelNotFoundError(FileNotFoundError, ValueError):
+    """A model folder that does not exist or holds no saved model (a `FileNotFoundError`, and a `ValueError` like
+    every other bad argument); the message names the argument and the path."""
+
+
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the stage (index and name) and the field."""
 
 
-__all__ = ["RecipeError", "UnavailableError"]
+__all__ = ["ModelNotFoundError", "RecipeError", "UnavailableError"]

@@ -97,11 +97,27 @@ def make_compute_metrics(task: str = "classification", **kwargs: Any) -> Callabl
     """A `compute_metrics` function for `Trainer`.
 
     Args:
-        task (`str`, *optional*, defaults to `"classification"`): `"classification"` (accuracy, precision, recall,
-            F1 from argmax of the logits) or `"causal-lm"` (token accuracy; perplexity comes from the eval loss).
+        task (`str`, *optional*, defaults to `"classification"`): `"classification"` / `"sequence-classification"`
+            (accuracy, precision, recall, F1 from argmax of the logits), `"token-classification"` (the same over the
+            labelled tokens, -100 excluded) or `"causal-lm"` (token accuracy; perplexity comes from the eval loss).
+            PEFT `TaskType` values and pipeline task names are accepted too (`SEQ_CLS`, `text-classification`,
+            `TOKEN_CLS`, `CAUSAL_LM`, `text-generation`, ...).
         kwargs: passed to [`classification_metrics`].
     """
-    if task == "classification":
+    from .utils.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, normalize_task
+
+    task = normalize_task(task, (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, CAUSAL_LM))
+    if task == TOKEN_CLASSIFICATION:
+
+        def compute_token_metrics(eval_pred) -> dict[str, float]:
+            logits, labels = eval_pred.predictions, eval_pred.label_ids
+            if isinstance(logits, tuple):
+                logits = logits[0]
+            keep = labels != -100
+            return classification_metrics(np.argmax(logits, axis=-1)[keep], labels[keep], **kwargs)
+
+        return compute_token_metrics
+    if task == SEQUENCE_CLASSIFICATION:
 
         def compute_metrics(eval_pred) -> dict[str, float]:
             logits, labels = eval_pred.predictions, eval_pred.label_ids
@@ -110,19 +126,18 @@ def make_compute_metrics(task: str = "classification", **kwargs: Any) -> Callabl
             return classification_metrics(np.argmax(logits, axis=-1), labels, **kwargs)
 
         return compute_metrics
-    if task == "causal-lm":
+    # causal LM: accuracy of the next-token predictions
 
-        def compute_lm_metrics(eval_pred) -> dict[str, float]:
-            logits, labels = eval_pred.predictions, eval_pred.label_ids
-            if isinstance(logits, tuple):
-                logits = logits[0]
-            preds = np.argmax(logits[:, :-1], axis=-1)
-            targets = labels[:, 1:]
-            keep = targets != -100
-            return {"token_accuracy": float((preds[keep] == targets[keep]).mean()) if keep.any() else float("nan")}
+    def compute_lm_metrics(eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        preds = np.argmax(logits[:, :-1], axis=-1)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        return {"token_accuracy": float((preds[keep] == targets[keep]).mean()) if keep.any() else float("nan")}
 
-        return compute_lm_metrics
-    raise ValueError(f"task: unknown task {task!r}; allowed: 'classification', 'causal-lm'.")
+    return compute_lm_metrics
 
 
 @torch.no_grad()

@@ -3,6 +3,8 @@ import sys
 
 import pytest
 
+import hf_compress  # noqa: F401  (first: its filters keep the backends' import-time lines out of the test logs)
+
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

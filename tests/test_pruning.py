@@ -294,17 +294,17 @@ def test_callback_gradual_schedule_logs_and_accumulation(tmp_path, accumulation)
     model, pruning, trainer = _train_gradual(tmp_path, accumulation)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["step"] for h in logs] == list(range(1, 13))
-    targets = [h["sparsity_target"] for h in logs]
+    targets = [h["sparsity_scheduled"] for h in logs]
     config = pruning.config
     # Targets follow optimizer steps (not micro-batches): last pruning step <= t decides the target.
     expected = [
         sparsity_at_step(config, max(s for s in (2, 4, 6, 8) if s <= t)) if t >= 2 else 0.0 for t in range(1, 13)
     ]
     assert targets == pytest.approx(expected, abs=1e-6)
-    sparsities = [h["sparsity"] for h in logs]
+    sparsities = [h["sparsity_targeted"] for h in logs]
     assert sparsities[0] == 0.0 and sparsities == sorted(sparsities)
     assert sparsities[-1] == pytest.approx(0.6, abs=1e-3)
-    assert all(h["sparsity_layer_min"] <= h["sparsity"] <= h["sparsity_layer_max"] for h in logs)
+    assert all(h["sparsity_layer_min"] <= h["sparsity_targeted"] <= h["sparsity_layer_max"] for h in logs)
     report = sparsity_report(model)
     assert report["min_layer_sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert report["max_layer_sparsity"] == pytest.approx(0.6, abs=1e-3)
@@ -327,8 +327,8 @@ def test_resume_mid_schedule_gives_bit_identical_masks(tmp_path):
     for name in full.masks:
         assert torch.equal(resumed.masks[name], full.masks[name]), name
     logs = [h for h in trainer.state.log_history if "loss" in h and h["step"] > 4]
-    assert logs[0]["sparsity_target"] == pytest.approx(sparsity_at_step(full.config, 4))
-    assert logs[-1]["sparsity_target"] == pytest.approx(0.6)
+    assert logs[0]["sparsity_scheduled"] == pytest.approx(sparsity_at_step(full.config, 4))
+    assert logs[-1]["sparsity_scheduled"] == pytest.approx(0.6)
 
 
 def test_save_model_reloads_with_from_pretrained_same_sparsity_and_logits(tmp_path):

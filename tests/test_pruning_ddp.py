@@ -4,8 +4,6 @@ Wanda calibration batches that alone would give different masks."""
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -59,28 +57,15 @@ def _worker(out_dir: str) -> None:  # runs under torchrun
     tensors.update({f"local.{k}": v.to(torch.uint8) for k, v in local.items()})
     tensors.update({f"param.{k}": v.detach().contiguous() for k, v in model.named_parameters()})
     save_file(tensors, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    torch.distributed.destroy_process_group()  # see tests/torchrun_utils.py
 
 
 @pytest.mark.multiprocess
 def test_ddp_two_ranks_identical_masks(tmp_path):
     from safetensors.torch import load_file
+    from torchrun_utils import torchrun
 
-    with socket.socket() as sock:  # a free port: other multiprocess tests may run at the same time
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        __file__,
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun([__file__, str(tmp_path)], env={"PYTHONPATH": str(HERE.parent)})
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     masks = [k for k in r0 if k.startswith("mask.")]

@@ -460,6 +460,9 @@ device = str(next(p for p in model.parameters() if p.requires_grad).device)
 state = {{n: p.detach().double().sum().item() for n, p in model.named_parameters() if p.requires_grad}}
 with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
     json.dump({{"world": trainer.args.world_size, "device": device, "state": state}}, f)
+# Without this the gloo group's worker threads are torn down during interpreter shutdown, which can abort the
+# process (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489).
+torch.distributed.destroy_process_group()
 """
 
 
@@ -468,23 +471,12 @@ with open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
 def test_qlora_under_torchrun_ddp(llama_dir, tmp_path):
     import json
     import os
-    import subprocess
-    import sys
+
+    from torchrun_utils import torchrun
 
     script = tmp_path / "ddp_qlora.py"
     script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(__file__), base=str(llama_dir), out=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29531",
-        str(script),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = torchrun([str(script)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["device"] == "cpu" for r in ranks)

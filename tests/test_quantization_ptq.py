@@ -197,6 +197,6 @@ def test_ptq_callback_needs_eval_data_or_the_trainer(tmp_path):
         train_dataset=classification_dataset(n=16),
         callbacks=[PostTrainingQuantizationCallback("torchao-int8")],
     )
-    with pytest.raises(ValueError, match="trainer=trainer"):
+    with pytest.raises(ValueError, match="eval_dataset, which is None"):  # checked before the first step
         trainer.train()
     assert trainer.state.global_step == 0

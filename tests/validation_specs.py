@@ -55,6 +55,24 @@ def bad_choice(allowed, allow_none=False):
     return st.one_of(st.sampled_from(wrong), st.text(max_size=12).filter(lambda t: t not in allowed))
 
 
+def bad_task(allowed, allow_none=False):
+    """Like `bad_choice`, without the other spellings `normalize_task` accepts (`SEQ_CLS`, `text-generation`, ...)."""
+    from hf_compress.utils.tasks import TASK_SPELLINGS, normalize_task
+
+    def accepted(value) -> bool:
+        try:
+            normalize_task(
+                value,
+                [a for a in allowed if a in TASK_SPELLINGS],
+                extra=[a for a in allowed if a not in TASK_SPELLINGS],
+            )
+        except ValueError:
+            return False
+        return True
+
+    return bad_choice(allowed, allow_none).filter(lambda v: not accepted(v))
+
+
 BAD_BOOL = st.sampled_from([None, "yes", "False", 1, 0, 1.0, [], [True]])
 BAD_PATTERNS = st.sampled_from([3, [3], [None], ["q_proj", 1], {"q_proj": 1}, 2.5, True, b"q_proj"])
 BAD_NAMES = st.sampled_from(["lm_head", 3, [3], [None], {"a": 1}, True])  # lists of module names
@@ -141,7 +159,7 @@ def _distillation_target(tmp: str) -> Target:
         "alpha": bad_number(0, 1),
         "loss_type": bad_choice(LOSS_TYPES),
         "jsd_beta": bad_number(0, 1),
-        "task": bad_choice(TASKS),
+        "task": bad_task(TASKS),
         "hidden_loss_weight": bad_number(low=0),
         "hidden_loss_type": bad_choice(HIDDEN_LOSS_TYPES),
         "hidden_layer_mapping": st.one_of(BAD_INT_LIST, st.just([])),
@@ -489,7 +507,7 @@ def _prepare_qlora_target(model_factory) -> Target:
 
     fields = {
         "model": st.sampled_from([3, "model", [1]]),
-        "task": bad_choice(QLORA_TASKS, allow_none=True),
+        "task": bad_task(QLORA_TASKS, allow_none=True),
         "loftq_model_path": st.sampled_from([3, [], 2.5]),
         **LORA_FIELDS,
     }
@@ -507,7 +525,7 @@ def _load_qlora_target(model_dir: str) -> Target:
 
     fields = {
         "model_name_or_path": st.sampled_from([3, "/nonexistent/model", EXISTING_FILE, "", [1]]),
-        "task": bad_choice(QLORA_TASKS),
+        "task": bad_task(QLORA_TASKS),
         "load_in_4bit": BAD_BOOL,
         "load_in_8bit": BAD_BOOL,
         "bnb_4bit_quant_type": bad_choice(["nf4", "fp4"]),

@@ -56,6 +56,7 @@ from hf_compress import (
     sparsity_report,
 )
 from hf_compress.utils.sharding import single_process_loading
+from hf_compress.utils.threads import configure_threads
 
 # Sizes built from a config when no --model / --teacher is given.
 SIZES = {
@@ -258,6 +259,12 @@ def parse_args(argv=None):
     p.add_argument("--teacher_dtype", default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--results_json", default=None, help="default: <output_dir>/results.json (and $OUT if set)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 on small or busy machines, see hf_compress.utils.threads)",
+    )
     args = p.parse_args(argv)
     args.tiny = args.tiny or args.offline
     tiny = args.tiny
@@ -294,6 +301,7 @@ def load_models(args, device_is_cuda: bool):
 
 def main(argv=None):
     args = parse_args(argv)
+    configure_threads(args.num_threads)
     cuda = torch.cuda.is_available()
     out = Path(args.output_dir)
     student, teacher, vocab = load_models(args, cuda)
@@ -549,3 +557,7 @@ def print_summary(r: dict) -> None:
 
 if __name__ == "__main__":
     main()
+    if is_dist():
+        # Every rank, after its last collective: a process exiting with its gloo/NCCL group alive can abort at
+        # interpreter shutdown ("terminate called without an active exception", pytorch/pytorch#190489).
+        torch.distributed.destroy_process_group()

@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from ..utils.tasks import normalize_task
 from ..utils.validation import (
     check_bool,
     check_choice,
@@ -20,6 +21,7 @@ from ..utils.validation import (
 from .losses import HIDDEN_LOSS_TYPES, LOSS_TYPES
 
 TASKS = ("auto", "sequence-classification", "causal-lm", "token-classification")
+_DISTILLATION_TASKS = TASKS[1:]
 # What a non-finite loss part, teacher output or input does to the step (see `DistillationTrainer`).
 NONFINITE_POLICIES = ("raise", "skip", "off")
 
@@ -44,7 +46,10 @@ class DistillationConfig(TrainingArguments):
         jsd_beta (`float`, *optional*, defaults to `0.5`): the beta in [0, 1] of the generalized JSD.
         task (`str`, *optional*, defaults to `"auto"`):
             `sequence-classification` (one distribution per example), `causal-lm` (one per next-token position),
-            `token-classification` (one per token); `auto` infers it from the student's class.
+            `token-classification` (one per token); `auto` infers it from the student's class. PEFT `TaskType`
+            values (`SEQ_CLS`, `CAUSAL_LM`, `TOKEN_CLS`, the enum itself) and pipeline task names
+            (`text-classification`, `text-generation`, `token-classification`) are accepted too
+            ([`~hf_compress.utils.tasks.normalize_task`]); the canonical name is stored.
         hidden_loss_weight (`float`, *optional*, defaults to `0.0`):
             Weight (>= 0) of hidden-state distillation (TinyBERT / DistilBERT style); 0 turns it off.
         hidden_loss_type (`str`, *optional*, defaults to `"mse"`): `mse` or `cosine`.
@@ -88,8 +93,9 @@ class DistillationConfig(TrainingArguments):
     task: str = field(
         default="auto",
         metadata={
-            "help": "What one distribution is: per example, per next token, or per token.",
-            "choices": list(TASKS),
+            "help": "What one distribution is: 'sequence-classification' (per example), 'causal-lm' (per next token) "
+            "or 'token-classification' (per token); PEFT TaskType names (SEQ_CLS, CAUSAL_LM, TOKEN_CLS) and pipeline "
+            "task names (text-classification, text-generation) work too. 'auto': from the student's class."
         },
     )
     hidden_loss_weight: float = field(
@@ -135,7 +141,7 @@ class DistillationConfig(TrainingArguments):
         self.alpha = check_number("alpha", self.alpha, low=0.0, high=1.0)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         self.jsd_beta = check_number("jsd_beta", self.jsd_beta, low=0.0, high=1.0)
-        check_choice("task", self.task, TASKS)
+        self.task = normalize_task(self.task, _DISTILLATION_TASKS, extra=("auto",))
         self.hidden_loss_weight = check_number("hidden_loss_weight", self.hidden_loss_weight, low=0.0)
         check_choice("hidden_loss_type", self.hidden_loss_type, HIDDEN_LOSS_TYPES)
         self.hidden_layer_mapping = check_int_list(

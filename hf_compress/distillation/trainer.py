@@ -196,7 +196,14 @@ class DistillationTrainer(Trainer):
     `teacher_model=None` the student trains from teacher targets cached in the dataset by `cache_teacher_logits`
     (offline distillation: no teacher in memory or in the step). The loss is
     `alpha * distillation + (1 - alpha) * task (+ hidden_loss_weight * hidden)`, with the parts logged separately
-    as `loss_distill`, `loss_task` and `loss_hidden`.
+    as `loss_distill`, `loss_task` and `loss_hidden`. At evaluation `eval_loss` is that combined loss (what
+    `metric_for_best_model="eval_loss"` compares); `eval_loss_task` is the task loss alone (cross-entropy on the
+    labels, logged even with `alpha=1`), the figure comparable with a plain `Trainer`'s `eval_loss`.
+
+    Like `Trainer.train()`, `train()` writes checkpoints but not the final model: call `trainer.save_model()` (to
+    `args.output_dir`) before loading it elsewhere, e.g. with `quantize_model(args.output_dir)`. `push_to_hub()`
+    writes a model card that keeps the hf_compress section and lists the distillation settings (temperature,
+    alpha, loss_type, ...).
 
     The teacher is kept in `eval()` with no gradients, is never wrapped in DDP, is placed by the accelerator
     (sharded under FSDP2, a ZeRO-3 inference engine under DeepSpeed ZeRO-3), and is never saved into the student's
@@ -272,6 +279,7 @@ class DistillationTrainer(Trainer):
         }
         self._setup_batch_guard(model, teacher_model)
         _log_compression_figures_before_integrations(self.callback_handler)
+        self._hf_compress_keeps_card = True  # create_model_card below; CompressionReportCallback need not wrap it
 
     # ------------------------------------------------------------------ setup
     def _load_teacher(self, name_or_path: str, init_kwargs: dict[str, Any]) -> PreTrainedModel:
@@ -491,6 +499,11 @@ class DistillationTrainer(Trainer):
             means["loss_hidden"] = self._hidden_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
             total = total + args.hidden_loss_weight * means["loss_hidden"] * local_items
         loss = total / denominator
+        if "loss_task" not in means and targets is not None and not model.training:
+            # alpha=1 trains on the teacher alone, but evaluation still reports the task loss (`eval_loss_task`),
+            # the figure comparable with a plain Trainer's eval_loss (eval_loss here is the combined loss).
+            with torch.no_grad():
+                means["loss_task"] = self._task_loss(s_logits, targets, mask) / local_items
 
         mode = "train" if model.training else "eval"
         for key, value in means.items():
@@ -927,6 +940,29 @@ class DistillationTrainer(Trainer):
         # Callbacks (PruningCallback's masks) find the checkpoint folder there.
         self.args.resume_from_checkpoint = path
         return path
+
+    # ------------------------------------------------------------------ model card
+    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        """`Trainer.create_model_card` (called by `push_to_hub`), keeping hf_compress's part of the card: the
+        compression section (written by [`CompressionReportCallback`], or made here from the model), the distillation
+        settings (temperature, alpha, loss_type, ...) and those of the pruning / QAT / PTQ callbacks in the
+        hyperparameter list, `base_model` and the tags `hf_compress`, `model-compression`, `knowledge-distillation`."""
+        from ..reporting.callback import _default_methods, compression_settings, hub_name
+        from ..reporting.measure import size_figures
+        from ..reporting.render import MODEL_CARD_BEGIN, restore_model_card_section, write_model_card
+
+        path = os.path.join(self.args.output_dir, "README.md")
+        previous = open(path, encoding="utf-8").read() if os.path.isfile(path) else None
+        super().create_model_card(*args, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        settings = compression_settings(self.args, self.callback_handler.callbacks)
+        base_model = hub_name(self.model) or hub_name(self.teacher_model)
+        restore_model_card_section(self.args.output_dir, previous, settings=settings, base_model=base_model)
+        if MODEL_CARD_BEGIN not in open(path, encoding="utf-8").read():
+            figures = size_figures(self.model)
+            methods = _default_methods(self.args, self.model, figures)
+            write_model_card(self.args.output_dir, figures, methods, settings=settings, base_model=base_model)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial):

@@ -94,7 +94,10 @@ class PruningCallback(TrainerCallback, ExportableState):
       accumulation does not change the schedule) and re-applied after every optimizer step, so Adam momentum cannot
       revive a pruned weight. Under DDP the masks of rank 0 are broadcast to every rank; under FSDP2
       (DTensor weights) masks are chosen on the whole weights and kept sharded like them.
-    - Logs `sparsity`, `sparsity_target`, `sparsity_layer_min` and `sparsity_layer_max` with the training logs.
+    - Logs `sparsity_targeted` (fraction of zeros among the targeted weights: what pruning achieved),
+      `sparsity_scheduled` (the schedule's target at this step), `sparsity_layer_min` and `sparsity_layer_max` with
+      the training logs. Whole-model sparsity (embeddings, heads and norms included) is
+      [`CompressionReportCallback`]'s `eval_sparsity_model`.
     - Checkpoints get a `pruning_masks.safetensors` and the schedule position (via `ExportableState`), and
       `resume_from_checkpoint` continues with the same masks as an uninterrupted run.
     - At the end of training the masks are baked into the weights: `trainer.save_model()` writes a plain
@@ -310,8 +313,8 @@ class PruningCallback(TrainerCallback, ExportableState):
             return
         layers = self._layer_sparsity.values() or [0.0]
         values = {
-            "sparsity": round(self.sparsity, 6),
-            "sparsity_target": round(self.sparsity_target, 6),
+            "sparsity_targeted": round(self.sparsity, 6),
+            "sparsity_scheduled": round(self.sparsity_target, 6),
             "sparsity_layer_min": round(min(layers), 6),
             "sparsity_layer_max": round(max(layers), 6),
         }

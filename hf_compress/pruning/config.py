@@ -104,10 +104,11 @@ class PruningConfig:
         },
     )
     pattern: str = field(default="unstructured", metadata={"help": "'unstructured' or an 'N:M' string like '2:4'."})
-    target_modules: str | list[str] | None = field(
+    # `list[str] | None | str` in this order: HfArgumentParser makes these list flags (`--target_modules q v`).
+    target_modules: list[str] | None | str = field(
         default=None, metadata={"help": "Module names or regexes to prune (default: Linear layers of the blocks)."}
     )
-    exclude_modules: str | list[str] | None = field(
+    exclude_modules: list[str] | None | str = field(
         default=None, metadata={"help": "Module names or regexes never pruned."}
     )
     schedule: str = field(default="oneshot", metadata={"help": "'oneshot', 'linear' or 'cubic' (Zhu & Gupta)."})

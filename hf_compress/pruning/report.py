@@ -23,6 +23,52 @@ def nm_compliant(weight_out_in: torch.Tensor, n: int, m: int) -> bool:
     return bool((groups.sum(dim=-1) <= n).all())
 
 
+class SparsityReport(dict):
+    """The `dict` [`sparsity_report`] returns, printed as a short summary instead of every module's entry.
+
+    All keys stay as documented there (`report["target_sparsity"]`, `report["modules"]`, ...); `print(report)` and
+    the REPL show a few lines, and `to_markdown()` gives the per-module table.
+    """
+
+    def __repr__(self) -> str:
+        modules = self.get("modules", {})
+        lines = [
+            f"SparsityReport: {_pct(self['sparsity'])} of all {_count(self['parameters'])} parameters are zero; "
+            f"targeted layers: {_pct(self['target_sparsity'])} of {_count(self['target_parameters'])} weights "
+            f"({len(modules)} modules, per layer {_pct(self['min_layer_sparsity'])} to "
+            f"{_pct(self['max_layer_sparsity'])})"
+        ]
+        if self.get("n_m_compliant") is not None:
+            lines.append(f"  N:M compliant: {'yes' if self['n_m_compliant'] else 'no'}")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+    def _repr_markdown_(self) -> str:  # Jupyter
+        return self.to_markdown()
+
+    def to_markdown(self) -> str:
+        """A Markdown table: one row per reported module (parameters, non-zeros, sparsity, N:M compliance)."""
+        nm = self.get("n_m_compliant") is not None
+        header = "| module | parameters | non-zero | sparsity |" + (" N:M |" if nm else "")
+        lines = [repr(self), "", header, "|---|---:|---:|---:|" + ("---|" if nm else "")]
+        for name, entry in self.get("modules", {}).items():
+            row = f"| {name} | {entry['parameters']:,} | {entry['nonzero']:,} | {_pct(entry['sparsity'])} |"
+            lines.append(row + (f" {'yes' if entry['n_m_compliant'] else 'no'} |" if nm else ""))
+        return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
 @torch.no_grad()
 def sparsity_report(
     model: nn.Module,
@@ -39,7 +85,7 @@ def sparsity_report(
         pattern (`str`, *optional*): an `"N:M"` pattern whose compliance is checked for every group.
 
     Returns:
-        `dict`: `parameters` / `nonzero_parameters` / `sparsity` of the whole model; `target_parameters` /
+        [`SparsityReport`] (a `dict`, printed as a short summary; `to_markdown()` lists every module): `parameters` / `nonzero_parameters` / `sparsity` of the whole model; `target_parameters` /
         `target_nonzero` / `target_sparsity` over the reported modules; `min_layer_sparsity`,
         `max_layer_sparsity`; `n_m_compliant` (`None` without a pattern); `modules`: per module `parameters`,
         `nonzero`, `sparsity` and `n_m_compliant`.
@@ -69,15 +115,17 @@ def sparsity_report(
     target_params = sum(v["parameters"] for v in per_module.values())
     target_nonzero = sum(v["nonzero"] for v in per_module.values())
     layer_sparsities = [v["sparsity"] for v in per_module.values()]
-    return {
-        "parameters": total,
-        "nonzero_parameters": nonzero_total,
-        "sparsity": 1 - nonzero_total / total if total else 0.0,
-        "target_parameters": target_params,
-        "target_nonzero": target_nonzero,
-        "target_sparsity": 1 - target_nonzero / target_params,
-        "min_layer_sparsity": min(layer_sparsities),
-        "max_layer_sparsity": max(layer_sparsities),
-        "n_m_compliant": all(v["n_m_compliant"] for v in per_module.values()) if nm else None,
-        "modules": per_module,
-    }
+    return SparsityReport(
+        {
+            "parameters": total,
+            "nonzero_parameters": nonzero_total,
+            "sparsity": 1 - nonzero_total / total if total else 0.0,
+            "target_parameters": target_params,
+            "target_nonzero": target_nonzero,
+            "target_sparsity": 1 - target_nonzero / target_params,
+            "min_layer_sparsity": min(layer_sparsities),
+            "max_layer_sparsity": max(layer_sparsities),
+            "n_m_compliant": all(v["n_m_compliant"] for v in per_module.values()) if nm else None,
+            "modules": per_module,
+        }
+    )

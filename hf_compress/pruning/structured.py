@@ -163,8 +163,6 @@ class StructuredPruningConfig:
         )
 
 
-
-
 @dataclass
 class _Plan:
     keep_layers: list[int]

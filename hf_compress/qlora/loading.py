@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from ..utils import find_linear_modules, require_backend, unwrap_model
 from ..utils import validation as _validation
+from ..utils.tasks import normalize_task
 from .loftq import loftq_init_
 from .targets import _linear_names, find_lora_target_modules
 
@@ -59,9 +60,9 @@ def _lora_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
     return {name: arguments[name] for name in names}
 
 
-def _check_task(task: str) -> None:
-    if task not in _TASKS:
-        raise ValueError(f"task={task!r} is not supported; choose one of {sorted(_TASKS)}.")
+def _check_task(task) -> str:
+    """The canonical task name (PEFT `TaskType` values and pipeline names accepted, see `utils.tasks`)."""
+    return normalize_task(task, _TASKS)
 
 
 def _auto_class(task: str):
@@ -211,7 +212,9 @@ def prepare_qlora(
     Args:
         model (`PreTrainedModel`): the loaded model.
         task (`str`, *optional*): one of `causal-lm`, `sequence-classification`, `token-classification`,
-            `question-answering`, `seq2seq-lm`, `feature-extraction`; inferred from the class name when omitted.
+            `question-answering`, `seq2seq-lm`, `feature-extraction` (or PEFT's `TaskType` / pipeline task names:
+            `CAUSAL_LM`, `text-generation`, `SEQ_CLS`, `text-classification`, ...); inferred from the class name when
+            omitted.
         lora_r (`int`, *optional*, defaults to 16): LoRA rank.
         lora_alpha (`float`, *optional*, defaults to `2 * lora_r`): LoRA scaling numerator.
         lora_dropout (`float`, *optional*, defaults to 0.05): dropout on the LoRA input.
@@ -250,8 +253,7 @@ def prepare_qlora(
 
     alpha = _check_lora_args(lora_r, lora_alpha, lora_dropout)
     model = unwrap_model(model)
-    task = task or _infer_task(model)
-    _check_task(task)
+    task = _check_task(task or _infer_task(model))
     targets = find_lora_target_modules(model, target_modules, exclude_modules)
     if modules_to_save is None and task in _TASKS_WITH_TRAINABLE_HEAD:
         modules_to_save = [n for n in _head_module_names(model) if n != "lm_head"]
@@ -331,7 +333,9 @@ def load_qlora_model(
             quantized one by one as they are loaded, so nothing is written to disk and the 16-bit model is never whole
             on the GPU).
         task (`str`, *optional*, defaults to `"causal-lm"`): `causal-lm`, `sequence-classification`,
-            `token-classification`, `question-answering`, `seq2seq-lm` or `feature-extraction`.
+            `token-classification`, `question-answering`, `seq2seq-lm` or `feature-extraction`; PEFT's `TaskType`
+            values (`CAUSAL_LM`, `SEQ_CLS`, ... or the enum) and pipeline task names (`text-generation`,
+            `text-classification`, ...) work too.
         lora_r, lora_alpha, lora_dropout, target_modules, exclude_modules, modules_to_save, gradient_checkpointing,
         lora_kwargs: see [`prepare_qlora`].
         load_in_4bit (`bool`, *optional*, defaults to `True`): quantize the base to 4 bits with bitsandbytes.
@@ -385,7 +389,7 @@ def load_qlora_model(
     # quantization cannot read GGUF.
     if not from_config:
         model_name_or_path = gguf_to_folder(model_name_or_path, model_kwargs.pop("gguf_file", None))
-    _check_task(task)
+    task = _check_task(task)
     _check_lora_args(lora_r, lora_alpha, lora_dropout)
     if load_in_4bit and load_in_8bit:
         load_in_4bit = False  # `load_in_8bit=True` is the explicit opt-in; 4-bit is only the default

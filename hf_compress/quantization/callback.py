@@ -15,8 +15,10 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from ..utils import require_backend, unwrap_model
+from ..utils.callbacks import dispatching_trainer
 from ..utils.output import check_output_dir
 from ..utils.reliability import check_finite_weights, ensure_callback_state_slot, honour_ddp_timeout
+from ..utils.sharding import is_sharded, single_process_loading, unsharded_cpu_copy
 from ..utils.validation import (
     check_bool,
     check_callable,
@@ -26,9 +28,8 @@ from ..utils.validation import (
     check_writable_folder,
     is_integer,
 )
-from ..utils.sharding import is_sharded, single_process_loading, unsharded_cpu_copy
 from .config import QATConfig
-from .ptq import PTQ_METHODS, build_quantization_config, quantize_model
+from .ptq import PTQ_METHODS, build_quantization_config, check_quantizable, quantize_model
 from .qat import fake_quantized_module_names, prepare_qat_, save_qat_model, select_qat_modules
 
 logger = logging.get_logger(__name__)
@@ -68,6 +69,11 @@ class QATCallback(TrainerCallback, ExportableState):
 
     Works unchanged inside [`DistillationTrainer`] (quantization-aware distillation: the student trains with fake
     quantization while matching the teacher).
+
+    Logs, with every training log: `qat_enabled` (1 once fake quantization is active), `qat_layers` (fake-quantized
+    Linear layers), `qat_weight_bits` (4 or 8), `qat_activation_bits` (8 for the dynamic-activation schemes, 0 for
+    weight-only) and `qat_group_size` (0: one scale per output channel). Numbers only, so TensorBoard and W&B take
+    them; the scheme's name is in the log line written when fake quantization is inserted.
 
     Args:
         scheme (`str`, *optional*, defaults to `"int8-dynamic-activation-int4-weight"`): see [`QATConfig`].
@@ -171,6 +177,22 @@ class QATCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not fake_quantized_module_names(model) and state.global_step >= self.start_step:
             self._insert(model, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or any(k.startswith(("eval_", "test_")) for k in logs):
+            return
+        active = self.fake_quant_inserted_at is not None and state.global_step >= self.start_step
+        values = {
+            "qat_enabled": int(active),
+            "qat_layers": len(self.fake_quantized_modules) if active else 0,
+            "qat_weight_bits": self.config.weight_bits,
+            "qat_activation_bits": 8 if self.config.quantizes_activations else 0,
+            "qat_group_size": self.config.group_size or 0,
+        }
+        logs.update(values)
+        # The Trainer appended the logs to log_history before calling callbacks; keep the history complete.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
 
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
         model = unwrap_model(model)
@@ -281,11 +303,14 @@ class PostTrainingQuantizationCallback(TrainerCallback):
     memory footprints and the weight bytes on disk of both are logged (`trainer.log` when the trainer is bound,
     else appended to `state.log_history`) and kept in `self.metrics`.
 
-    Callbacks do not receive the trainer, so evaluation needs one of: the trainer bound with
-    `trainer.add_callback(PostTrainingQuantizationCallback(..., trainer=trainer))` or `callback.bind(trainer)`
-    (uses its eval dataset, collator, `compute_metrics` and `preprocess_logits_for_metrics`); or a run that
-    evaluated during training (`eval_strategy` not `"no"`), whose eval dataloader the callback then reuses with the
-    `compute_metrics` given here.
+    Evaluation uses the trainer's eval dataset, collator, `compute_metrics` and `preprocess_logits_for_metrics`.
+    Callbacks do not receive the trainer, so in `on_train_begin` the callback takes the Trainer that dispatches the
+    event to it (`Trainer(..., callbacks=[PostTrainingQuantizationCallback("nf4")])` just works); `trainer=` or
+    `callback.bind(trainer)` set it explicitly. Without a trainer, a run that evaluated during training
+    (`eval_strategy` not `"no"`) has its eval dataloader reused with the `compute_metrics` given here.
+
+    Checked in `on_train_begin`, before any step: the model can be quantized (a PEFT model on a full-precision base
+    is merged into a copy; one on a 4-bit base is an error pointing to [`merge_qlora`]) and evaluation data exists.
 
     Args:
         method (`str`, *optional*, defaults to `"nf4"`): see [`quantize_model`]: `"nf4"`, `"fp4"`, `"int8"`
@@ -303,8 +328,8 @@ class PostTrainingQuantizationCallback(TrainerCallback):
     ```python
     >>> from hf_compress import PostTrainingQuantizationCallback
     >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
-    ...                   compute_metrics=compute_metrics)  # doctest: +SKIP
-    >>> trainer.add_callback(PostTrainingQuantizationCallback("nf4", trainer=trainer))  # doctest: +SKIP
+    ...                   compute_metrics=compute_metrics,
+    ...                   callbacks=[PostTrainingQuantizationCallback("nf4")])  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
     >>> # logs eval_accuracy and ptq_nf4_accuracy; <output_dir>/ptq_nf4 loads with from_pretrained
     ```
@@ -344,10 +369,25 @@ class PostTrainingQuantizationCallback(TrainerCallback):
         self.trainer = trainer
         return self
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:  # where on_train_end writes: fail now, not after the last step
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Everything that would fail after training fails now: a model quantize_model cannot take (a PEFT model on a
+        # 4-bit base, a model already quantized, not a transformers model), an unwritable output folder and missing
+        # evaluation data.
+        if state.is_world_process_zero:  # where on_train_end writes
             check_writable_folder("output_dir", Path(args.output_dir) / self.prefix)
-        if not self.evaluate or self.trainer is not None:
+        if model is not None:
+            check_quantizable(model, "model")
+        if self.trainer is None:
+            # passed as `callbacks=[...]`: the Trainer dispatching this event gives its eval set and compute_metrics
+            self.trainer = dispatching_trainer(self)
+        if not self.evaluate:
+            return
+        if self.trainer is not None:
+            if self.trainer.eval_dataset is None:
+                raise ValueError(
+                    "PostTrainingQuantizationCallback(evaluate=True) evaluates both models on the trainer's "
+                    "eval_dataset, which is None: pass eval_dataset= to the trainer, or evaluate=False."
+                )
             return
         if str(getattr(args, "eval_strategy", "no")) in ("no", "IntervalStrategy.NO"):
             raise ValueError(

@@ -70,11 +70,12 @@ class QATConfig:
             "Must divide in_features of every targeted layer."
         },
     )
-    target_modules: str | list[str] | None = field(
+    # `list[str] | None | str` in this order: HfArgumentParser makes these list flags (`--target_modules q v`).
+    target_modules: list[str] | None | str = field(
         default=None,
         metadata={"help": "Names/regexes of the Linear layers to quantize (default: Linear layers in the blocks)."},
     )
-    exclude_modules: str | list[str] | None = field(
+    exclude_modules: list[str] | None | str = field(
         default=None, metadata={"help": "Names/regexes of Linear layers to leave in full precision."}
     )
 

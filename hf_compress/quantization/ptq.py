@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils import require_backend, unwrap_model
+from ..utils.model_path import resolve_model_source
 from ..utils.modules import _HEAD_NAMES
 from ..utils.output import check_output_dir, prepare_output_dir
 from ..utils.validation import (
@@ -233,8 +235,6 @@ def _check_quantization_options(compute_dtype, double_quant, llm_int8_threshold,
 
 
 def _check_model_or_path(model_or_path, gguf_file=None) -> None:
-    from transformers import PreTrainedModel
-
     from ..utils.loading import is_gguf
 
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -245,22 +245,10 @@ def _check_model_or_path(model_or_path, gguf_file=None) -> None:
             if not os.path.isfile(gguf) and not (gguf_file is not None and os.path.isfile(os.fspath(gguf_file))):
                 raise ValueError(f"model_or_path={path!r}, gguf_file={gguf_file!r}: no GGUF file at {gguf!r}.")
             return
-        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-        if os.path.isdir(expanded):
-            if not os.path.isfile(os.path.join(expanded, "config.json")):
-                raise ValueError(
-                    f"model_or_path={path!r} is a folder without config.json: not a saved transformers model."
-                )
-        elif os.path.exists(expanded):
-            raise ValueError(f"model_or_path={path!r} is a file; pass the folder of a saved model.")
-        elif looks_local or not path.strip():
-            raise ValueError(f"model_or_path={path!r} does not exist.")
+        # a missing folder, or one holding only Trainer checkpoints, fails with a clear message (not after Hub retries)
+        resolve_model_source(model_or_path, "model_or_path")
         return
-    if not isinstance(unwrap_model(model_or_path), PreTrainedModel):
-        raise InvalidArgumentTypeError(
-            f"model_or_path must be a transformers PreTrainedModel or a checkpoint folder, got "
-            f"{type(model_or_path).__name__}."
-        )
+    check_quantizable(model_or_path)
 
 
 def check_quantize_model_arguments(
@@ -363,7 +351,9 @@ def quantize_model(
       [`~hf_compress.quantization.packed.quantize_packed_`].
 
     Args:
-        model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a trained model or a checkpoint folder.
+        model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a trained model (a PEFT model is merged into a
+            copy first), or a saved model folder (`trainer.save_model()`'s output or a `checkpoint-*` folder; a
+            Trainer output folder holding only checkpoints is an error that says so) or Hub name.
         method (`str`, *optional*, defaults to `"nf4"`): one of `"nf4"`, `"fp4"`, `"int8"`, `"torchao-int8"`,
             `"torchao-int4"`, `"torchao-int4-cuda"`.
         compute_dtype (`str` or `torch.dtype`, *optional*, defaults to `"bfloat16"`): 4-bit bitsandbytes compute dtype.
@@ -417,8 +407,6 @@ def quantize_model(
     if output_dir is not None:
         output_dir = check_output_dir(output_dir, overwrite)
 
-    from transformers import PreTrainedModel
-
     from ..utils.loading import is_gguf, load_pretrained
 
     if isinstance(model_or_path, (str, os.PathLike)) and is_gguf(model_or_path, gguf_file):
@@ -431,8 +419,6 @@ def quantize_model(
             model_or_path, model_class, group_size, embedding_bits, storage_dtype, output_dir, processing_class
         )
     if storage_dtype is not None and not isinstance(model_or_path, (str, os.PathLike)):
-        import copy
-
         model_or_path = copy.deepcopy(unwrap_model(model_or_path)).to(storage_dtype)
     with tempfile.TemporaryDirectory(prefix="hf_compress_ptq_") as tmp:
         if isinstance(model_or_path, (str, os.PathLike)):
@@ -443,11 +429,9 @@ def quantize_model(
             reference = None
         else:
             reference = unwrap_model(model_or_path)
-            if not isinstance(reference, PreTrainedModel):
-                raise TypeError(
-                    f"quantize_model needs a transformers PreTrainedModel or a checkpoint path, got "
-                    f"{type(reference).__name__}."
-                )
+            if _is_peft_model(reference):
+                # LoRA (or other PEFT) adapters: quantize the merged weights of a copy; the adapter stays as it is.
+                reference = copy.deepcopy(reference).merge_and_unload()
             cls = model_class or type(reference)
             if device_map is None:
                 device = next(reference.parameters()).device
@@ -486,6 +470,41 @@ def quantize_model(
             processing_class.save_pretrained(output_dir)
         logger.info(f"Saved the {method} quantized model to {output_dir}.")
     return quantized
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def check_quantizable(model: nn.Module, argument: str = "model_or_path") -> None:
+    """Raise before any work if `quantize_model` cannot quantize `model` (checked at the start of a run by
+    [`PostTrainingQuantizationCallback`], so a wrong model fails before training rather than after it).
+
+    A transformers `PreTrainedModel` is quantizable, and so is a PEFT model on a full-precision base (its adapters
+    are merged into a copy). A PEFT model on a 4-bit / 8-bit base is not: its base is already quantized.
+    """
+    from transformers import PreTrainedModel
+
+    model = unwrap_model(model)
+    if _is_peft_model(model):
+        base = model.get_base_model()
+        if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+            raise ValueError(
+                f"{argument}: a PEFT model on a quantized (k-bit) base cannot be quantized again; merge its adapters "
+                "into a dequantized base and requantize with merge_qlora(adapter_dir, output_dir, requantize='nf4')."
+            )
+        model = base
+    if not isinstance(model, PreTrainedModel):
+        raise InvalidArgumentTypeError(
+            f"{argument}: quantize_model needs a transformers PreTrainedModel (or a PEFT model on one) or the path of "
+            f"a saved model folder, got {type(model).__name__}."
+        )
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is not None or getattr(model, "is_quantized", False):
+        raise ValueError(
+            f"{argument}: the model is already quantized ({getattr(qc, 'quant_method', qc)}); quantize_model takes a "
+            "full-precision model."
+        )
 
 
 def _check_group_size(model: nn.Module, method: str, group_size: int, skip_modules: list[str]) -> None:

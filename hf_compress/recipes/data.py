@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..errors import UnavailableError
+from ..errors import RecipeError, UnavailableError
 from .recipe import Recipe
 
 logger = logging.get_logger(__name__)
@@ -63,27 +63,62 @@ def _text_and_label(ds, name: str):
     return ds
 
 
-def _load_data(recipe: Recipe, tokenizer):
+def _load_data(recipe: Recipe, tokenizer, label2id: Mapping[str, int] | None = None):
+    """Tokenized train and evaluation splits. Every dataset field is checked against the data here, before any stage
+    trains: the splits and columns exist, and string labels map to the model's `label2id`."""
     spec = recipe.dataset
     data = load_dataset_splits(spec)
     text_col, label_col = spec.get("text_column", "text"), spec.get("label_column", "label")
     train_split = spec.get("train_split", "train")
     eval_split = spec.get("eval_split") or ("test" if "test" in data else "validation")
-    for split in (train_split, eval_split):
+    for field_name, split in (("train_split", train_split), ("eval_split", eval_split)):
         if split not in data:
-            raise ValueError(f"dataset: split {split!r} not found; splits: {list(data)}.")
+            raise RecipeError(f"recipe: field dataset.{field_name}: split {split!r} not found; splits: {list(data)}.")
+    for field_name, column in (("text_column", text_col), ("label_column", label_col)):
+        for split in (train_split, eval_split):
+            if column not in data[split].column_names:
+                raise RecipeError(
+                    f"recipe: field dataset.{field_name}: column {column!r} not found in split {split!r}; columns: "
+                    f"{data[split].column_names}."
+                )
+    to_id = _label_ids(data[train_split], label_col, label2id)
     max_length = spec.get("max_length", 128)
 
     def encode(batch):
         enc = tokenizer(batch[text_col], truncation=True, max_length=max_length)
-        enc["labels"] = batch[label_col]
+        enc["labels"] = [to_id(v) for v in batch[label_col]]
         return enc
 
     encoded = {}
     for split in (train_split, eval_split):
         ds = data[split]
+        if to_id is not _identity:
+            _label_ids(ds, label_col, label2id)  # every label of every split must map
         encoded[split] = ds.map(encode, batched=True, remove_columns=ds.column_names)
     return encoded[train_split], encoded[eval_split]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _label_ids(ds, column: str, label2id: Mapping[str, int] | None):
+    """How the values of a label column become class ids: integers as they are; strings through the model's
+    `label2id` (exact, else case-insensitive). Raises `RecipeError` naming the labels that do not map."""
+    values = set(ds.unique(column))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return _identity
+    if not all(isinstance(v, str) for v in values):
+        raise RecipeError(f"recipe: dataset labels in column {column!r} must be integers or strings, got {values}.")
+    mapping = dict(label2id or {})
+    lower = {k.lower(): v for k, v in mapping.items()}
+    missing = sorted(v for v in values if v not in mapping and v.lower() not in lower)
+    if missing:
+        raise RecipeError(
+            f"recipe: dataset labels {missing} (column {column!r}) are not in the model's label2id {mapping}: set the "
+            "model config's label2id/id2label to these names, or use integer labels."
+        )
+    return lambda v: mapping[v] if v in mapping else lower[v.lower()]
 
 
 __all__ = ["load_dataset_splits", "load_text_blocks"]

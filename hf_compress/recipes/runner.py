@@ -22,7 +22,15 @@ from ..utils.output import (
     library_files,
 )
 from .data import _load_data, load_text_blocks
-from .recipe import Recipe, Stage, _training_class, load_recipe
+from .recipe import (
+    Recipe,
+    Stage,
+    _training_class,
+    check_stage_steps,
+    load_recipe,
+    resolve_recipe_model,
+    training_steps,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -66,8 +74,8 @@ class _Run:
             {name: model_or_path},
             eval_dataset=self.eval_set,
             # causal LMs: compression_report measures perplexity itself
-            compute_metrics=None if causal_lm else make_compute_metrics("classification"),
-            task="causal-lm" if causal_lm else "classification",
+            compute_metrics=None if causal_lm else make_compute_metrics("sequence-classification"),
+            task="causal-lm" if causal_lm else "sequence-classification",
             processing_class=self.tokenizer,
             data_collator=self.collator,
             methods={name: methods},
@@ -106,6 +114,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     elif overrides:
         raise ValueError("overrides are only applied when the recipe is given as a file or dict.")
     start = time.perf_counter()
+    for key in ("model", "teacher", "tokenizer"):  # a missing folder fails now, not after ~50 s of Hub retries
+        if getattr(recipe, key):
+            setattr(recipe, key, resolve_recipe_model(getattr(recipe, key), key, None))
     folders = recipe.stage_dirs()
     _prepare_output(recipe, folders)
 
@@ -115,8 +126,9 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
         train_set, eval_set = load_text_blocks(recipe.dataset, tokenizer)
         collator = default_data_collator
     else:
-        train_set, eval_set = _load_data(recipe, tokenizer)
+        train_set, eval_set = _load_data(recipe, tokenizer, _label2id(recipe.model))
         collator = DataCollatorWithPadding(tokenizer)
+    _check_steps(recipe, len(train_set))  # schedules against each stage's length, before any stage trains
     report_kwargs = {"batch_size": 32, "latency_batches": 3, "warmup": 1, **recipe.report}
     include_input = report_kwargs.pop("include_input", True)
     run = _Run(recipe, tokenizer, train_set, eval_set, collator, report_kwargs)
@@ -133,6 +145,24 @@ def run_recipe(recipe: Recipe | str | os.PathLike | Mapping[str, Any], **overrid
     report.timings = timings  # type: ignore[attr-defined]
     _write_report(report, Path(recipe.output_dir), {"timings_s": timings})
     return report
+
+
+def _label2id(model: str) -> dict[str, int]:
+    from transformers import AutoConfig
+
+    return dict(getattr(AutoConfig.from_pretrained(model), "label2id", None) or {})
+
+
+def _check_steps(recipe: Recipe, num_train_examples: int) -> None:
+    import torch
+
+    for stage in recipe.stages:
+        if stage.args is None:
+            continue
+        cls = _training_class(stage)
+        defaults = {"report_to": "none", "save_strategy": "no", "use_cpu": not torch.cuda.is_available()}
+        args = cls(output_dir=str(Path(recipe.output_dir) / stage.folder_name), **{**defaults, **stage.args})
+        check_stage_steps(stage, training_steps(args, num_train_examples))
 
 
 def _run_stage(run: _Run, stage: Stage, folder: Path):

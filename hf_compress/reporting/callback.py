@@ -12,8 +12,9 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..utils import unwrap_model
+from ..utils.callbacks import dispatching_trainer
 from .measure import disk_bytes, size_figures
-from .render import write_model_card
+from .render import restore_model_card_section, write_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -32,11 +33,93 @@ def _default_methods(args: Any, model: nn.Module, figures: Mapping[str, Any]) ->
     return methods
 
 
+def _log_names(prefix: str, figures: Mapping[str, Any]) -> dict[str, Any]:
+    """`{prefix}_<figure>`, with whole-model sparsity as `sparsity_model` (distinct from pruning's `sparsity_targeted`)."""
+    return {f"{prefix}_{'sparsity_model' if k == 'sparsity' else k}": v for k, v in figures.items()}
+
+
+def compression_settings(args: Any = None, callbacks: Sequence[Any] = ()) -> dict[str, dict[str, Any]]:
+    """The compression settings of a run, by method, for its model card: distillation (temperature, alpha, loss_type,
+    ... from a [`DistillationConfig`]), pruning ([`PruningCallback`]'s config), quantization-aware training
+    ([`QATCallback`]) and post-training quantization ([`PostTrainingQuantizationCallback`])."""
+    settings: dict[str, dict[str, Any]] = {}
+    if all(hasattr(args, k) for k in ("temperature", "alpha", "loss_type")):
+        distillation = {"temperature": args.temperature, "alpha": args.alpha, "loss_type": args.loss_type}
+        if args.loss_type == "jsd":
+            distillation["jsd_beta"] = getattr(args, "jsd_beta", None)
+        if getattr(args, "hidden_loss_weight", 0) > 0:
+            distillation["hidden_loss_weight"] = args.hidden_loss_weight
+            distillation["hidden_loss_type"] = args.hidden_loss_type
+        settings["distillation"] = distillation
+    for callback in callbacks:
+        kind = type(callback).__name__ if type(callback).__module__.startswith("hf_compress.") else None
+        if kind == "PruningCallback":
+            c = callback.config
+            settings["pruning"] = {
+                "method": c.method,
+                "sparsity": c.target_sparsity,
+                "pattern": c.pattern,
+                "scope": c.scope,
+                "schedule": c.schedule,
+                "start_step": c.start_step,
+                "end_step": c.end_step if c.schedule != "oneshot" else None,
+            }
+        elif kind == "QATCallback":
+            c = callback.config
+            settings["quantization-aware training"] = {
+                "scheme": c.scheme,
+                "group_size": c.group_size,
+                "start_step": callback.start_step,
+            }
+        elif kind == "PostTrainingQuantizationCallback":
+            settings["post-training quantization"] = {"method": callback.method, **callback.quantize_kwargs}
+    return settings
+
+
+def hub_name(model: nn.Module | None) -> str | None:
+    """The Hub name a model was loaded from (`config._name_or_path`), or `None` for a local folder or no name."""
+    from ..utils.model_path import looks_like_hub_id
+
+    config = getattr(unwrap_model(model), "config", None) if model is not None else None
+    name = getattr(config, "_name_or_path", None)
+    if isinstance(name, str) and name and looks_like_hub_id(name) and not Path(name).exists():
+        return name
+    return None
+
+
+def keep_compression_card_on_push(trainer) -> None:
+    """Make `trainer.create_model_card()` (called by `push_to_hub`) keep the hf_compress section of the model card,
+    list the compression settings with the training hyperparameters and add the hf_compress tags.
+
+    `Trainer.create_model_card` rewrites `README.md` from scratch; this wraps it on this trainer instance only.
+    [`DistillationTrainer`] does the same in its own `create_model_card`.
+    """
+    if getattr(trainer, "_hf_compress_keeps_card", False):
+        return
+    original = trainer.create_model_card
+
+    def create_model_card(*args, **kwargs):
+        path = Path(trainer.args.output_dir) / "README.md"
+        previous = path.read_text(encoding="utf-8") if path.is_file() else None
+        original(*args, **kwargs)
+        if trainer.is_world_process_zero():
+            restore_model_card_section(
+                trainer.args.output_dir,
+                previous,
+                settings=compression_settings(trainer.args, trainer.callback_handler.callbacks),
+                base_model=hub_name(trainer.model),
+            )
+
+    trainer.create_model_card = create_model_card
+    trainer._hf_compress_keeps_card = True
+
+
 class CompressionReportCallback(TrainerCallback):
     """Logs the trained model's size figures at evaluation time and writes them into the saved model card.
 
-    At every evaluation, `<prefix>_parameters`, `<prefix>_nonzero_parameters`, `<prefix>_sparsity`,
-    `<prefix>_size_mb` and `<prefix>_bits_per_parameter` are added to the evaluation metrics (`prefix` is the
+    At every evaluation, `<prefix>_parameters`, `<prefix>_nonzero_parameters`, `<prefix>_sparsity_model` (zeros
+    among all parameters, embeddings and heads included; [`PruningCallback`]'s `sparsity_targeted` counts only the
+    pruned layers), `<prefix>_size_mb` and `<prefix>_bits_per_parameter` are added to the evaluation metrics (`prefix` is the
     metric prefix, `eval` by default): they appear in the dict `trainer.evaluate()` returns, in
     `state.log_history` (so in `trainer_state.json`) and in the logs of the callbacks that run after this one (the
     progress bar / printer). Integrations registered before it (TensorBoard, W&B through `report_to`) get the
@@ -80,7 +163,7 @@ class CompressionReportCallback(TrainerCallback):
         if figures is None or metrics is None:
             return
         prefix = self._prefix(metrics) or "eval"
-        metrics.update({f"{prefix}_{k}": v for k, v in figures.items()})
+        metrics.update(_log_names(prefix, figures))
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs:
@@ -91,11 +174,24 @@ class CompressionReportCallback(TrainerCallback):
         figures = self._figures(model)
         if figures is None:
             return
-        extra = {f"{prefix}_{k}": v for k, v in figures.items()}
+        extra = _log_names(prefix, figures)
         logs.update(extra)
         # The Trainer appended a copy of these logs to log_history just before calling on_log.
         if state.log_history and all(state.log_history[-1].get(k) == v for k, v in logs.items() if k not in extra):
             state.log_history[-1].update(extra)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._find_trainer()
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        self._find_trainer()
+
+    def _find_trainer(self) -> None:
+        # The trainer's other callbacks give the settings in the card, and push_to_hub must keep the card's section.
+        trainer = dispatching_trainer(self, max_depth=10)
+        if trainer is not None:
+            self._trainer = trainer
+            keep_compression_card_on_push(trainer)
 
     def _write(self, args, state, model, folder: Path, measure_files: bool) -> None:
         if not state.is_world_process_zero or model is None:
@@ -108,7 +204,9 @@ class CompressionReportCallback(TrainerCallback):
                 disk = None
         figures = size_figures(model, disk)
         methods = self.methods if self.methods is not None else _default_methods(args, model, figures)
-        write_model_card(folder, figures, methods, self.reference)
+        trainer = getattr(self, "_trainer", None)
+        settings = compression_settings(args, trainer.callback_handler.callbacks if trainer is not None else ())
+        write_model_card(folder, figures, methods, self.reference, settings=settings, base_model=hub_name(model))
 
     def on_save(self, args, state, control, model=None, **kwargs):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -121,4 +219,4 @@ class CompressionReportCallback(TrainerCallback):
         self._write(args, state, model, Path(args.output_dir), measure_files=True)
 
 
-__all__ = ["CompressionReportCallback"]
+__all__ = ["CompressionReportCallback", "compression_settings", "hub_name", "keep_compression_card_on_push"]

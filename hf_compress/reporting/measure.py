@@ -17,12 +17,14 @@ from torch import nn
 from transformers.utils import logging
 
 from ..utils import count_parameters, unwrap_model
+from ..utils.model_path import check_saved_model_folder
+from ..utils.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, normalize_task
 from .render import _MB, CompressionReport, ReportRow
 
 logger = logging.get_logger(__name__)
 
 
-TASKS = ("classification", "causal-lm")
+TASKS = (SEQUENCE_CLASSIFICATION, CAUSAL_LM)
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -133,10 +135,19 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = None
 def infer_report_task(model: nn.Module) -> str | None:
     name = type(unwrap_model(model)).__name__
     if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal-lm"
+        return CAUSAL_LM
     if name.endswith("ForSequenceClassification"):
-        return "classification"
+        return SEQUENCE_CLASSIFICATION
     return None
+
+
+def _device_label(model: nn.Module) -> str:
+    """Where latency was measured: the device, with torch's thread count on CPU (it changes CPU latency most)."""
+    device = _model_device(model)
+    if device.type != "cpu":
+        return str(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -161,6 +172,7 @@ def _prepare_batches(
     text_column: str,
     max_length: int | None,
     max_batches: int | None,
+    label2id: Mapping[str, int] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Collated batches (on CPU) of `dataset`: a datasets.Dataset (tokenized here from `text_column` if it holds raw
     text and a tokenizer is given), or any sequence of feature dicts."""
@@ -186,6 +198,12 @@ def _prepare_batches(
             dataset = dataset.rename_column("label", "labels")
         keep = {"input_ids", "attention_mask", "token_type_ids", "labels"}
         dataset = dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+        if "labels" in dataset.column_names and dataset.features["labels"].dtype == "string":
+            to_id = label_id_mapping(dataset.unique("labels"), label2id)
+            dataset = dataset.map(lambda b: {"labels": [to_id[v] for v in b["labels"]]}, batched=True)
+    elif len(dataset) and isinstance(dataset[0], Mapping) and isinstance(dataset[0].get("labels"), str):
+        to_id = label_id_mapping({row["labels"] for row in dataset}, label2id)
+        dataset = [{**row, "labels": to_id[row["labels"]]} for row in dataset]
     if data_collator is None:
         data_collator = DataCollatorWithPadding(processing_class) if processing_class is not None else None
         data_collator = data_collator or default_data_collator
@@ -199,6 +217,43 @@ def _prepare_batches(
     if not batches:
         raise ValueError("eval_dataset is empty.")
     return batches
+
+
+def label_id_mapping(labels: Iterable[str], label2id: Mapping[str, int] | None) -> dict[str, int]:
+    """Class ids of string labels through a model config's `label2id` (exact, else case-insensitive).
+
+    Raises:
+        `ValueError` naming the labels that do not map and the `label2id` there is.
+    """
+    label2id = dict(label2id or {})
+    lower = {str(k).lower(): v for k, v in label2id.items()}
+    mapping, missing = {}, []
+    for label in sorted(set(labels)):
+        if label in label2id:
+            mapping[label] = label2id[label]
+        elif label.lower() in lower:
+            mapping[label] = lower[label.lower()]
+        else:
+            missing.append(label)
+    if missing:
+        raise ValueError(
+            f"eval_dataset: string labels {missing} are not in the model's label2id {label2id}: set the model config's "
+            "label2id / id2label to these names (or pass a datasets ClassLabel column, or integer labels)."
+        )
+    return mapping
+
+
+def _label2id(model_or_path: Any) -> dict[str, int] | None:
+    """`label2id` of a model or saved folder (None when it has none or the folder does not exist yet)."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        if not Path(model_or_path).is_dir():
+            return None
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_or_path)
+    else:
+        config = getattr(unwrap_model(model_or_path), "config", None)
+    return dict(getattr(config, "label2id", None) or {}) or None
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device, accepted: set[str]) -> dict[str, Any]:
@@ -250,7 +305,8 @@ def evaluate_model(
 
     model = unwrap_model(model)
     model.eval()
-    if task == "causal-lm" and compute_metrics is None:
+    task = normalize_task(task, TASKS)
+    if task == CAUSAL_LM and compute_metrics is None:
         return {"perplexity": compute_perplexity(model, batches)}
     device = _model_device(model)
     accepted = _forward_arguments(model)
@@ -265,7 +321,7 @@ def evaluate_model(
             all_labels.append(labels.cpu())
     if not all_labels:
         raise ValueError("eval_dataset has no 'label' / 'labels' column: task metrics need labels.")
-    if task == "causal-lm":
+    if task == CAUSAL_LM:
         width = max(t.shape[1] for t in all_logits)
         all_logits = [torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t in all_logits]
         all_labels = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-100) for t in all_labels]
@@ -281,6 +337,8 @@ def _size_row(name: str, model_or_path, device, methods: Sequence[str]) -> tuple
     if isinstance(model_or_path, (str, os.PathLike)):
         if not Path(model_or_path).exists():
             raise FileNotFoundError(f"models[{name!r}]: no saved model at {str(model_or_path)!r}.")
+        if Path(model_or_path).is_dir():  # e.g. a Trainer output folder holding only checkpoints: say so
+            check_saved_model_folder(model_or_path, f"models[{name!r}]")
         disk = disk_bytes(model_or_path)
         model = load_model(model_or_path, device=device)
     else:
@@ -333,7 +391,9 @@ def compression_report(
         compute_metrics (`Callable`, *optional*): a Trainer-style `compute_metrics(EvalPrediction)`; defaults to
             accuracy / precision / recall / F1 ([`~hf_compress.make_compute_metrics`]) for classification and
             perplexity for causal LMs.
-        task (`str`, *optional*): `"classification"` or `"causal-lm"`; inferred from the first model's class.
+        task (`str`, *optional*): `"sequence-classification"` (also `"classification"`, `"text-classification"`,
+            `"SEQ_CLS"`) or `"causal-lm"` (also `"text-generation"`, `"CAUSAL_LM"`); inferred from the first model's
+            class.
         processing_class (*optional*): tokenizer used to tokenize raw text and pad batches.
         data_collator (`Callable`, *optional*): batch collator; defaults to padding with `processing_class`.
         batch_size (`int`, *optional*, defaults to 32): evaluation and latency batch size.
@@ -363,8 +423,8 @@ def compression_report(
     """
     if not models:
         raise ValueError("models: pass at least one model (name -> module or path).")
-    if task is not None and task not in TASKS:
-        raise ValueError(f"task={task!r} is not supported; allowed: {list(TASKS)} or None (inferred).")
+    if task is not None:
+        task = normalize_task(task, TASKS)
     checks = (("batch_size", batch_size), ("latency_batches", latency_batches), ("warmup", warmup))
     for name, value in checks + (("decode_tokens", decode_tokens),):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
@@ -384,6 +444,7 @@ def compression_report(
             text_column=text_column,
             max_length=max_length,
             max_batches=max_eval_batches,
+            label2id=_label2id(next(iter(models.values()))),  # string labels map through the model's label2id
         )
     rows: list[ReportRow] = []
     for name, model_or_path in models.items():
@@ -393,14 +454,14 @@ def compression_report(
         if batches is not None:
             if latency_batches > 0:
                 row.latency_ms = measure_latency(model, batches, warmup=warmup, repeats=latency_batches)
-                row.latency_device = str(_model_device(model))
+                row.latency_device = _device_label(model)
             if task is not None or compute_metrics is not None:
-                row.metrics = evaluate_model(model, batches, task or "classification", compute_metrics)
-        if decode_tokens and (task or infer_report_task(model)) == "causal-lm":
+                row.metrics = evaluate_model(model, batches, task or SEQUENCE_CLASSIFICATION, compute_metrics)
+        if decode_tokens and (task or infer_report_task(model)) == CAUSAL_LM:
             from ..inference import decode_tokens_per_second
 
             row.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=decode_tokens)
-            row.latency_device = str(_model_device(model))
+            row.latency_device = _device_label(model)
         logger.info(f"compression_report: {name}: {row.to_dict()}")
         rows.append(row)
     return CompressionReport(rows=rows, task=task)

@@ -222,16 +222,44 @@ def _human_count(n: int) -> str:
 # model card and Trainer callback
 
 
-def model_card_section(figures: Mapping[str, Any], methods: Sequence[str], reference: Mapping[str, Any] | None = None):
-    """The Markdown section hf_compress writes into a model card."""
+CARD_TAGS = ("hf_compress", "model-compression")
+# method (as in compression settings) -> Hub tag
+METHOD_TAGS = {
+    "distillation": "knowledge-distillation",
+    "pruning": "pruning",
+    "structured pruning": "pruning",
+    "quantization-aware training": "quantization",
+    "post-training quantization": "quantization",
+}
+
+
+def _format_setting(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def model_card_section(
+    figures: Mapping[str, Any],
+    methods: Sequence[str],
+    reference: Mapping[str, Any] | None = None,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+):
+    """The Markdown section hf_compress writes into a model card: the methods, their settings and the size figures."""
     lines = [MODEL_CARD_BEGIN, "## Compression (hf_compress)", ""]
     if methods:
         lines += ["Methods applied:", ""] + [f"- {m}" for m in methods] + [""]
+    if settings:
+        lines += ["Settings:", ""]
+        for method, values in settings.items():
+            text = ", ".join(f"{k}={_format_setting(v)}" for k, v in values.items() if v is not None)
+            lines.append(f"- {method}: {text}")
+        lines.append("")
     lines += ["| figure | value |", "|---|---:|"]
     labels = {
         "parameters": "parameters",
         "nonzero_parameters": "non-zero parameters",
-        "sparsity": "sparsity",
+        "sparsity": "sparsity (whole model)",
         "size_mb": "weights on disk (MB)",
         "bits_per_parameter": "bits per parameter",
     }
@@ -253,36 +281,123 @@ def model_card_section(figures: Mapping[str, Any], methods: Sequence[str], refer
     return "\n".join(lines)
 
 
+def _with_metadata(text: str, base_model: str | None, tags: Sequence[str]) -> str:
+    """`text` (a model card) with a YAML header holding `library_name`, `base_model` (unless set) and `tags` added to
+    the ones already there; other metadata is kept."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if text.startswith("---"):
+        card = ModelCard(text)
+        data, body = card.data, card.text
+    else:
+        data, body = ModelCardData(), text
+    if not getattr(data, "library_name", None):
+        data.library_name = "transformers"
+    if base_model and not getattr(data, "base_model", None):
+        data.base_model = base_model
+    existing = list(getattr(data, "tags", None) or [])
+    data.tags = existing + [t for t in dict.fromkeys((*CARD_TAGS, *tags)) if t not in existing]
+    return f"---\n{data.to_yaml()}\n---\n{body}"
+
+
+def _replace_section(text: str, section: str) -> str:
+    if MODEL_CARD_BEGIN in text and MODEL_CARD_END in text:
+        before, rest = text.split(MODEL_CARD_BEGIN, 1)
+        return before + section + rest.split(MODEL_CARD_END, 1)[1]
+    return text.rstrip() + "\n\n" + section + "\n"
+
+
+def card_tags(settings: Mapping[str, Any] | None) -> list[str]:
+    """Hub tags for the methods named in `settings` (e.g. `knowledge-distillation`, `pruning`, `quantization`)."""
+    return list(dict.fromkeys(METHOD_TAGS[m] for m in settings or {} if m in METHOD_TAGS))
+
+
 def write_model_card(
     folder: str | os.PathLike,
     figures: Mapping[str, Any],
     methods: Sequence[str] = (),
     reference: Mapping[str, Any] | None = None,
+    *,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    base_model: str | None = None,
 ) -> Path:
-    """Write (or update in place) the hf_compress section of `folder/README.md`; other content is kept."""
+    """Write (or update in place) the hf_compress section of `folder/README.md`; other content is kept.
+
+    The YAML header gets `library_name: transformers`, `base_model` (when given and not already set) and the tags
+    `hf_compress`, `model-compression` and one per method in `settings` (`knowledge-distillation`, `pruning`,
+    `quantization`).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "README.md"
-    section = model_card_section(figures, methods, reference)
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        if MODEL_CARD_BEGIN in text and MODEL_CARD_END in text:
-            before, rest = text.split(MODEL_CARD_BEGIN, 1)
-            after = rest.split(MODEL_CARD_END, 1)[1]
-            text = before + section + after
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-    else:
-        text = "---\nlibrary_name: transformers\ntags:\n- hf_compress\n- model-compression\n---\n\n" + section + "\n"
-    path.write_text(text, encoding="utf-8")
+    section = model_card_section(figures, methods, reference, settings)
+    text = _replace_section(path.read_text(encoding="utf-8"), section) if path.is_file() else "\n" + section + "\n"
+    path.write_text(_with_metadata(text, base_model, card_tags(settings)), encoding="utf-8")
     return path
 
 
+def restore_model_card_section(
+    folder: str | os.PathLike,
+    previous: str | None,
+    *,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    base_model: str | None = None,
+) -> Path | None:
+    """After `Trainer.create_model_card()` rewrote `folder/README.md`: put back the hf_compress section `previous`
+    held, list the compression settings with the training hyperparameters and merge the YAML header (see
+    [`write_model_card`]). Returns the card's path, or `None` if there is no card."""
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    if previous and MODEL_CARD_BEGIN in previous and MODEL_CARD_END in previous:
+        section = MODEL_CARD_BEGIN + previous.split(MODEL_CARD_BEGIN, 1)[1].split(MODEL_CARD_END, 1)[0]
+        text = _replace_section(text, section + MODEL_CARD_END)
+    if settings:
+        text = _add_hyperparameters(text, settings)
+    path.write_text(_with_metadata(text, base_model, card_tags(settings)), encoding="utf-8")
+    return path
+
+
+# names of the compression settings in the card's hyperparameter list (distillation's are its config's own names)
+_HYPERPARAMETER_PREFIX = {
+    "distillation": "",
+    "pruning": "pruning_",
+    "structured pruning": "structured_pruning_",
+    "quantization-aware training": "qat_",
+    "post-training quantization": "ptq_",
+}
+
+
+def _add_hyperparameters(text: str, settings: Mapping[str, Mapping[str, Any]]) -> str:
+    """Append `- <name>: <value>` lines for the compression settings to the Trainer card's hyperparameter list."""
+    marker = "The following hyperparameters were used during training:\n"
+    if marker not in text:
+        return text
+    head, tail = text.split(marker, 1)
+    lines = tail.split("\n")
+    end = 0
+    while end < len(lines) and lines[end].startswith("- "):
+        end += 1
+    present = {line[2:].split(":", 1)[0] for line in lines[:end]}
+    extra = []
+    for method, values in settings.items():
+        prefix = _HYPERPARAMETER_PREFIX.get(method, method.replace(" ", "_").replace("-", "_") + "_")
+        for key, value in values.items():
+            name = f"{prefix}{key}"
+            if value is not None and name not in present:
+                extra.append(f"- {name}: {_format_setting(value)}")
+    return head + marker + "\n".join(lines[:end] + extra + lines[end:])
+
+
 __all__ = [
+    "CARD_TAGS",
     "CompressionReport",
     "MODEL_CARD_BEGIN",
     "MODEL_CARD_END",
     "ReportRow",
+    "card_tags",
     "model_card_section",
+    "restore_model_card_section",
     "write_model_card",
 ]

@@ -128,7 +128,8 @@ def find_linear_modules(
 
 @torch.no_grad()
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters), counting each shared tensor once."""
+    """(parameters, non-zero parameters), counting each shared tensor once; quantized weights (bitsandbytes 4-bit,
+    torchao tensor subclasses) count as non-zero."""
     seen: set[int] = set()
     total = nonzero = 0
     for p in unwrap_model(model).parameters():
@@ -144,10 +145,18 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             nonzero += n
             continue
         total += n
+        if p.is_meta:
+            nonzero += n
+            continue
         if getattr(p, "qdata", None) is not None:  # torchao quantized tensor: count its integers
             nonzero += int(torch.count_nonzero(p.qdata).item()) if p.qdata.numel() == n else n
             continue
-        nonzero += int(torch.count_nonzero(p).item()) if p.dtype.is_floating_point or not p.is_meta else n
+        try:
+            nonzero += int(torch.count_nonzero(p).item())
+        except (NotImplementedError, RuntimeError, TypeError):
+            # Other quantized tensor subclasses implement no count_nonzero; like packed bitsandbytes weights, they
+            # count as non-zero.
+            nonzero += n
     # hf_compress' packed layers (utils/packed_int4.py) hold their weights as buffers: count them too.
     for module in unwrap_model(model).modules():
         counter = getattr(module, "weight_counts", None)

@@ -38,3 +38,4 @@ if rank == 0:
         "teacher_is_ddp": isinstance(trainer.teacher_model, torch.nn.parallel.DistributedDataParallel),
     }
     (out / "rank0.json").write_text(json.dumps(info))
+torch.distributed.destroy_process_group()  # see tests/torchrun_utils.py
