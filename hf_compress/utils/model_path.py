@@ -32,13 +32,16 @@ def checkpoint_folders(folder: str | os.PathLike) -> list[str]:
 
 
 def check_saved_model_folder(folder: str | os.PathLike, argument: str = "model") -> Path:
-    """`folder` if it holds a saved model (`config.json`, or a PEFT adapter's `adapter_config.json`).
+    """`folder` if it holds a saved model (`config.json`, or a PEFT adapter's `adapter_config.json`), or is a `.gguf`
+    file.
 
     Raises:
         [`ModelNotFoundError`] (a `FileNotFoundError` and a `ValueError`): naming the folder and, when it holds only Trainer checkpoints, saying how to save the
             model (`trainer.save_model()`) or which checkpoint to use instead.
     """
     folder = Path(folder).expanduser()
+    if folder.is_file() and folder.suffix.lower() == ".gguf":
+        return folder  # a GGUF checkpoint (dequantized on loading, see utils.loading)
     if not folder.is_dir():
         raise ModelNotFoundError(f"{argument}: no folder at {str(folder)!r}.")
     if any((folder / name).is_file() for name in MODEL_FILES):
