@@ -466,14 +466,7 @@ class DistillationTrainer(Trainer):
                 f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
                 "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
             )
-        if mask is not None:
-            local_items = mask.sum().clamp_min(1)
-        else:
-            local_items = torch.tensor(max(1, s_logits.shape[:-1].numel()), device=s_logits.device)
-        # Sums are divided by the item count of the whole accumulated batch (across devices when the Trainer
-        # averages tokens across devices), so gradient accumulation gives the same update as one large batch.
-        # Without that count (evaluation, unlabeled data) each micro-batch is a plain mean.
-        denominator = num_items_in_batch if (num_items_in_batch is not None and model.training) else local_items
+        local_items, denominator = self._loss_normalisers(s_logits, mask, num_items_in_batch, model)
 
         means: dict[str, torch.Tensor] = {}
         if args.loss_type == "forward_kl":
@@ -505,15 +498,33 @@ class DistillationTrainer(Trainer):
             with torch.no_grad():
                 means["loss_task"] = self._task_loss(s_logits, targets, mask) / local_items
 
+        loss = self._record_loss_parts(model, loss, means, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_normalisers(self, logits, mask, num_items_in_batch, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(local_items, denominator)` of a batch's summed losses, shared by every loss path.
+
+        Sums are divided by the item count of the whole accumulated batch (across devices when the Trainer averages
+        tokens across devices), so gradient accumulation gives the same update as one large batch. Without that count
+        (evaluation, unlabeled data) each micro-batch is a plain mean over its `local_items`."""
+        if mask is not None:
+            local_items = mask.sum().clamp_min(1)
+        else:
+            local_items = torch.tensor(max(1, logits.shape[:-1].numel()), device=logits.device)
+        denominator = num_items_in_batch if (num_items_in_batch is not None and model.training) else local_items
+        return local_items, denominator
+
+    def _record_loss_parts(self, model, loss: torch.Tensor, means: dict[str, torch.Tensor], num_items_in_batch):
+        """Keep the loss parts for `log()` (no host sync per step) and undo DDP's gradient average when the loss
+        was divided by an item count summed over ranks; returns the loss to back-propagate."""
         mode = "train" if model.training else "eval"
         for key, value in means.items():
-            self._loss_parts[mode][key].append(value.detach())  # no host sync per step
-
+            self._loss_parts[mode][key].append(value.detach())
         self.loss_is_scaled_for_ga = num_items_in_batch is not None and model.training
         if self.loss_is_scaled_for_ga and self.args.average_tokens_across_devices and self.args.world_size > 1:
             # num_items_in_batch was summed over ranks and DDP averages gradients: undo the average.
             loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
+        return loss
 
     def _task_loss(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Summed cross-entropy of the student on the labels (the same positions as the distillation loss)."""
@@ -630,23 +641,14 @@ class DistillationTrainer(Trainer):
             teacher_logit_softcap=t_head.logit_softcap,
             chunk_size=args.fused_lm_head_chunk_size,
         )
-        local_items = mask.sum().clamp_min(1)
+        local_items, denominator = self._loss_normalisers(s_hidden, mask, num_items_in_batch, model)
         means = {"loss_distill": sum_distill / local_items}
         if args.alpha < 1.0:
             means["loss_task"] = sum_task / local_items
         if want_hidden:
             means["loss_hidden"] = self._hidden_loss(outputs, teacher_outputs, inputs.get("attention_mask"))
             total = total + args.hidden_loss_weight * means["loss_hidden"] * local_items
-        # Normalisation and logging exactly as in compute_loss's materialised path.
-        denominator = num_items_in_batch if (num_items_in_batch is not None and model.training) else local_items
-        loss = total / denominator
-        mode = "train" if model.training else "eval"
-        for key, value in means.items():
-            self._loss_parts[mode][key].append(value.detach())
-        self.loss_is_scaled_for_ga = num_items_in_batch is not None and model.training
-        if self.loss_is_scaled_for_ga and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.accelerator.num_processes
-        return loss
+        return self._record_loss_parts(model, total / denominator, means, num_items_in_batch)
 
     # ------------------------------------------------------------------ offline: cached teacher targets
     def _check_cached_targets(self, model: nn.Module, args: DistillationConfig, kwargs: dict[str, Any]):
@@ -731,11 +733,7 @@ class DistillationTrainer(Trainer):
                 f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
                 "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
             )
-        if mask is not None:
-            local_items = mask.sum().clamp_min(1)
-        else:
-            local_items = torch.tensor(max(1, s_logits.shape[:-1].numel()), device=s_logits.device)
-        denominator = num_items_in_batch if (num_items_in_batch is not None and model.training) else local_items
+        local_items, denominator = self._loss_normalisers(s_logits, mask, num_items_in_batch, model)
 
         means: dict[str, torch.Tensor] = {}
         if not cached:
@@ -778,15 +776,7 @@ class DistillationTrainer(Trainer):
             means["loss_distill"] = sum_distill / local_items
             if args.alpha < 1.0:
                 means["loss_task"] = sum_task / local_items
-        loss = total / denominator
-
-        mode = "train" if model.training else "eval"
-        for key, value in means.items():
-            self._loss_parts[mode][key].append(value.detach())
-
-        self.loss_is_scaled_for_ga = num_items_in_batch is not None and model.training
-        if self.loss_is_scaled_for_ga and self.args.average_tokens_across_devices and self.args.world_size > 1:
-            loss = loss * self.accelerator.num_processes
+        loss = self._record_loss_parts(model, total / denominator, means, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
