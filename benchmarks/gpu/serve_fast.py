@@ -629,12 +629,13 @@ def part_smollm2(bench: Bench) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(bench.device).eval()
     window, count, batch = (32, 2, 1) if args.smoke else (512, 32, 8)
     windows = wikitext_windows(tokenizer, args.data_dir, window, count)
+    # The decoding section (e2) serves the pretrained model as it is (bf16): decode speed depends on the weights'
+    # format, and its perplexities (int4 export vs bf16) only mean something on the unpruned model.
+    unpruned = copy.deepcopy(model).to(torch.bfloat16 if bench.cuda else torch.float32).eval()
     if windows is not None and bench.cuda:  # context: the model before one-shot 2:4 pruning
-        unpruned = copy.deepcopy(model).to(torch.bfloat16)
         bench.payload["perplexity_unpruned_bf16"] = perplexity(
             lambda ids: unpruned(input_ids=ids, use_cache=False), windows.to(bench.device), batch
         )
-        del unpruned
     prune_(model, PruningConfig(pattern="2:4"))
     bench.payload["model"] = {"name": "SmolLM2-135M-Instruct", "parameters": model.num_parameters(), "pruning": "2:4"}
     bench.payload["load_s"] = time.perf_counter() - t0
@@ -685,8 +686,8 @@ def part_smollm2(bench: Bench) -> None:
     dense = dense_graph = sparse = None
     free()
 
-    # e2. batch-1 decoding: bf16 vs the int4 export (saved, reloaded) vs bitsandbytes.
-    base = copy.deepcopy(model).to(torch.bfloat16).eval()
+    # e2. batch-1 decoding of the unpruned model: bf16 vs the int4 export (saved, reloaded) vs bitsandbytes.
+    base = unpruned
     del model
     export = {}
 
