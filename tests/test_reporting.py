@@ -155,3 +155,27 @@ def test_callback_logs_figures_and_writes_model_card(tmp_path):
     # a second write replaces the section instead of appending another one
     callback.on_train_end(args, trainer.state, trainer.control, model=model)
     assert final_card.read_text().count(MODEL_CARD_BEGIN) == 1
+
+
+def test_report_loads_every_saved_model_on_one_device(tmp_path, monkeypatch):
+    """With a GPU present, float and quantized checkpoints given as paths load on the same device (a float model on
+    the CPU next to a quantized one on the GPU made the SmolLM2 pipeline report's latencies 40x apart)."""
+    import hf_compress.reporting.measure as measure
+
+    for name, seed in (("a", 0), ("b", 1)):
+        tiny_bert(layers=1, seed=seed).save_pretrained(tmp_path / name)
+    seen = []
+    real_load = measure.load_model
+
+    def recording_load(path, device=None):
+        seen.append(device)
+        return real_load(path, device=None)  # this machine has no GPU: load on the CPU, record what was asked
+
+    monkeypatch.setattr(measure, "load_model", recording_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    compression_report({"a": tmp_path / "a", "b": tmp_path / "b"}, latency_batches=0)
+    assert seen == ["cuda:0", "cuda:0"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen.clear()
+    compression_report({"a": tmp_path / "a"}, device="cpu", latency_batches=0)
+    assert seen == ["cpu"]

@@ -403,8 +403,9 @@ def compression_report(
         text_column (`str`, *optional*, defaults to `"text"`): raw text column, tokenized when needed.
         max_length (`int`, *optional*): truncation length when tokenizing here.
         methods (`dict[str, list[str]]`, *optional*): compression methods applied per model name, kept in the report.
-        device (`str` or `torch.device`, *optional*): device for models loaded from a path (default: CPU, or the GPU
-            for quantized checkpoints when one is present). Modules are measured where they are.
+        device (`str` or `torch.device`, *optional*): device for models loaded from a path (default: the first GPU
+            when one is present, else CPU, the same for every path so that latencies compare). Modules are measured
+            where they are.
         decode_tokens (`int`, *optional*, defaults to 0): causal LMs: when > 0, also measure batch-1 greedy decoding
             of this many tokens per run (tokens/s, [`~hf_compress.decode_tokens_per_second`]: static KV cache, CUDA
             graphs on a GPU), the serving figure 4-bit weights improve.
@@ -446,6 +447,10 @@ def compression_report(
             max_batches=max_eval_batches,
             label2id=_label2id(next(iter(models.values()))),  # string labels map through the model's label2id
         )
+    if device is None and torch.cuda.is_available():
+        # One device for every model loaded from a path: float checkpoints on the CPU next to quantized ones on the
+        # GPU gave latencies 40x apart that measured the device, not the compression.
+        device = "cuda:0"
     rows: list[ReportRow] = []
     for name, model_or_path in models.items():
         model, row = _size_row(name, model_or_path, device, methods.get(name, []))
