@@ -243,7 +243,11 @@ def _apply_stage(run: _Run, stage: Stage, folder: Path) -> tuple[Any, list[Any]]
     elif stage.type == "qat":
         from ..quantization import QATCallback
 
-        callbacks.append(QATCallback(**stage.config, output_dir=str(folder / "quantized"), overwrite=True))
+        # Absolute: QATCallback takes a relative output_dir under the Trainer's output_dir, and a recipe's
+        # output_dir is usually relative to the working directory (the quantized model ended up in
+        # <stage>/<output_dir>/<stage>/quantized).
+        target = (folder / "quantized").resolve()
+        callbacks.append(QATCallback(**stage.config, output_dir=str(target), overwrite=True))
         run.methods.append(f"quantization-aware training ({_describe(stage.config) or 'default scheme'})")
     return None, callbacks
 
