@@ -461,11 +461,7 @@ class DistillationTrainer(Trainer):
         if self._shared_width is not None:
             s_logits, t_logits = s_logits[..., : self._shared_width], t_logits[..., : self._shared_width]
         mask, targets = self._positions(s_logits, inputs)
-        if args.alpha < 1.0 and targets is None:
-            raise ValueError(
-                f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
-                "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
-            )
+        self._require_targets(targets)
         local_items, denominator = self._loss_normalisers(s_logits, mask, num_items_in_batch, model)
 
         means: dict[str, torch.Tensor] = {}
@@ -500,6 +496,15 @@ class DistillationTrainer(Trainer):
 
         loss = self._record_loss_parts(model, loss, means, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _require_targets(self, targets) -> None:
+        """The task loss (weight 1 - alpha) needs labels in the batch."""
+        alpha = self.args.alpha
+        if alpha < 1.0 and targets is None:
+            raise ValueError(
+                f"alpha={alpha} gives the task loss a weight of {1 - alpha}, but the batch has no "
+                "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
+            )
 
     def _loss_normalisers(self, logits, mask, num_items_in_batch, model) -> tuple[torch.Tensor, torch.Tensor]:
         """`(local_items, denominator)` of a batch's summed losses, shared by every loss path.
@@ -616,11 +621,7 @@ class DistillationTrainer(Trainer):
 
         s_hidden = s_cap.hidden
         mask, targets = self._positions(s_hidden, inputs)
-        if args.alpha < 1.0 and targets is None:
-            raise ValueError(
-                f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
-                "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
-            )
+        self._require_targets(targets)
         total, sum_distill, sum_task = fused_linear_distillation_loss(
             s_hidden,
             s_weight,
@@ -728,11 +729,7 @@ class DistillationTrainer(Trainer):
         if self.task == "causal-lm" and attention_mask is not None:
             # A left pad before the first token "predicts" it; no target is cached at a padding position.
             mask = mask & attention_mask.bool()
-        if args.alpha < 1.0 and targets is None:
-            raise ValueError(
-                f"alpha={args.alpha} gives the task loss a weight of {1 - args.alpha}, but the batch has no "
-                "'labels'. Add labels to the dataset or set alpha=1.0 for pure distillation."
-            )
+        self._require_targets(targets)
         local_items, denominator = self._loss_normalisers(s_logits, mask, num_items_in_batch, model)
 
         means: dict[str, torch.Tensor] = {}

@@ -27,7 +27,7 @@ from ..utils.sharding import full_tensor, logical_numel, mul_
 from ..utils.validation import InvalidArgumentTypeError, check_writable_folder
 from .checkpoint import MASKS_NAME, load_verified_masks, save_masks
 from .config import PruningConfig
-from .schedule import is_pruning_step, last_pruning_step_at_or_before, sparsity_at_step
+from .schedule import is_pruning_step, last_pruning_step_at_or_before, schedule_shortfall, sparsity_at_step
 from .scoring import get_scorer_class
 from .unstructured import (
     _full_mask,
@@ -266,10 +266,9 @@ class PruningCallback(TrainerCallback, ExportableState):
                 f"start_step={config.start_step} is after the run's last step (max_steps={max_steps}): the model "
                 "would never be pruned. Lower start_step or train longer."
             )
-        last = config.end_step if config.schedule != "oneshot" else config.start_step
-        if last is not None and last > max_steps:
-            reachable_step = last_pruning_step_at_or_before(config, max_steps)
-            reachable = sparsity_at_step(config, reachable_step) if reachable_step is not None else 0.0
+        shortfall = schedule_shortfall(config, max_steps)
+        if shortfall is not None:
+            last, reachable_step, reachable = shortfall
             logger.warning(
                 f"PruningCallback: end_step={last} is after the run's last step (max_steps={max_steps}): the schedule "
                 f"stops at step {reachable_step} with sparsity {reachable:.4f} instead of "

@@ -45,6 +45,18 @@ def last_pruning_step_at_or_before(config: PruningConfig, step: int) -> int | No
     return config.start_step + (step - config.start_step) // config.frequency * config.frequency
 
 
+def schedule_shortfall(config: PruningConfig, steps: int) -> tuple[int, int | None, float] | None:
+    """Where a schedule ends when the run has only `steps` steps: `None` if its last pruning step fits, else
+    `(last_step, reached_step, reached_sparsity)` (the step it was scheduled to end at, its last pruning step within
+    the run, and the sparsity reached there). A schedule starting after the run is the caller's error to raise."""
+    last = config.end_step if config.schedule != "oneshot" else config.start_step
+    if last is None or last <= steps:
+        return None
+    reached_step = last_pruning_step_at_or_before(config, steps)
+    reached = sparsity_at_step(config, reached_step) if reached_step is not None else 0.0
+    return last, reached_step, reached
+
+
 def nm_keep_count(config: PruningConfig, sparsity: float) -> int:
     """Weights kept per group of M for an intermediate target of a gradual N:M schedule.
 

@@ -58,7 +58,6 @@ def to_semi_structured_sparse_(
     from torch.sparse import to_sparse_semi_structured
 
     model = unwrap_model(model)
-    named = dict(model.named_modules())
     converted = []
     for name, module in find_linear_modules(model, target_modules, exclude_modules).items():
         weight = weight_as_out_in(module)
@@ -68,15 +67,7 @@ def to_semi_structured_sparse_(
             raise ValueError(f"{name}: weight dtype {weight.dtype} is not supported; use float16 or bfloat16.")
         if not nm_compliant(weight, 2, 4):
             raise ValueError(f"{name}: weight is not 2:4 sparse; prune it with PruningConfig(pattern='2:4') first.")
-        if is_conv1d(module):
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
-            linear = linear.to(device=weight.device, dtype=weight.dtype)
-            linear.weight.copy_(weight)
-            if module.bias is not None:
-                linear.bias.copy_(module.bias)
-            parent_name, _, child = name.rpartition(".")
-            setattr(named[parent_name] if parent_name else model, child, linear)
-            module = linear
+        module = _as_linear_(model, name, module)
         module.weight = nn.Parameter(
             to_sparse_semi_structured(module.weight.detach().contiguous()), requires_grad=False
         )

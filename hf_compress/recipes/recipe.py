@@ -206,7 +206,7 @@ def check_stage_steps(stage: Stage, steps: int) -> None:
             )
     elif stage.type == "prune" and stage.args is not None:
         from ..pruning import PruningConfig
-        from ..pruning.schedule import last_pruning_step_at_or_before, sparsity_at_step
+        from ..pruning.schedule import schedule_shortfall
 
         config = PruningConfig(**stage.config)
         if config.start_step > steps:
@@ -214,10 +214,9 @@ def check_stage_steps(stage: Stage, steps: int) -> None:
                 f"{stage.label}: field config.start_step={config.start_step} is after the stage's last step ({steps} "
                 "optimizer steps): the model would never be pruned."
             )
-        last = config.end_step if config.schedule != "oneshot" else config.start_step
-        if last is not None and last > steps:
-            reached_at = last_pruning_step_at_or_before(config, steps)
-            reached = sparsity_at_step(config, reached_at) if reached_at is not None else 0.0
+        shortfall = schedule_shortfall(config, steps)
+        if shortfall is not None:
+            last, reached_at, reached = shortfall
             logger.warning(
                 f"{stage.label}: config.end_step={last} is after the stage's last step ({steps} optimizer steps): "
                 f"the schedule stops at step {reached_at} with sparsity {reached:.3f} instead of "
